@@ -1,0 +1,1 @@
+"""moe_prefix: prefix tuning with a mixture of prefix experts."""
