@@ -1,1 +1,16 @@
-"""moe_prefix: prefix tuning with a mixture of prefix experts."""
+"""moe_prefix: prefix tuning with a mixture of prefix experts, for any Hugging Face transformer."""
+
+from .config import BackboneDims, PrefixConfig
+from .mixture import MixtureRouting, PrefixMixture, attach
+from .router import RouterOutput, load_balance_loss, router_z_loss
+
+__all__ = [
+    "BackboneDims",
+    "MixtureRouting",
+    "PrefixConfig",
+    "PrefixMixture",
+    "RouterOutput",
+    "attach",
+    "load_balance_loss",
+    "router_z_loss",
+]

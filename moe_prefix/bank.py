@@ -1,0 +1,81 @@
+"""Prefix banks: E experts, each a set of key/value vectors for every attention layer.
+
+Axes: e - experts, l - layers, c - key/value (0 keys, 1 values), h - key/value heads, p - prefix
+positions, d - head dim, b - batch, k - banks used per input, r - reparameterisation width.
+
+Keys are stored as they enter attention (after any rotary embedding, which prefixes never get), with
+the backbone's key/value head count so grouped-query models share them across query heads exactly as
+they share their own keys.
+
+Reparameterisation (Li & Liang 2021; Le et al. 2025): in training, the bank is the output of an MLP
+over small per-position embeddings, which shares structure between keys, values and layers and makes
+optimisation more stable. `fold()` replaces the MLP by the tensor it produces, for inference/export.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import BackboneDims, PrefixConfig
+
+
+class PrefixBank(nn.Module):
+    def __init__(self, cfg: PrefixConfig, dims: BackboneDims):
+        super().__init__()
+        self.cfg, self.dims = cfg, dims
+        shape = (cfg.num_experts, dims.num_layers, 2, dims.num_kv_heads, cfg.prefix_len, dims.head_dim)
+        if cfg.reparam:
+            self.embedding = nn.Parameter(torch.randn(cfg.num_experts, cfg.prefix_len, cfg.reparam_dim))
+            out = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.reparam_dim, cfg.reparam_hidden), nn.Tanh(), nn.Linear(cfg.reparam_hidden, out)
+            )
+            nn.init.normal_(self.mlp[2].weight, std=cfg.init_std / cfg.reparam_hidden**0.5)
+            nn.init.zeros_(self.mlp[2].bias)
+            self.kv = None
+        else:
+            self.kv = nn.Parameter(torch.randn(shape) * cfg.init_std)
+
+    @property
+    def folded(self) -> bool:
+        return self.kv is not None
+
+    def tensor(self) -> Tensor:
+        """The whole bank, (e l c h p d)."""
+        if self.kv is not None:
+            return self.kv
+        flat = self.mlp(self.embedding)  # (e p (l c h d))
+        d = self.dims
+        return rearrange(flat, "e p (l c h d) -> e l c h p d", l=d.num_layers, c=2, h=d.num_kv_heads)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the reparameterisation MLP by the plain tensor it produces (outputs unchanged)."""
+        if self.kv is None:
+            self.kv = nn.Parameter(self.tensor().detach().clone())
+            del self.mlp, self.embedding
+
+    @torch.no_grad()
+    def set_from_activations(self, kv: Tensor) -> None:
+        """Initialise from real tokens' keys/values, kv (e l c h p d) (Li & Liang: helps in low data)."""
+        if self.kv is None:
+            raise ValueError("cannot set bank tensors while reparameterised; fold() first")
+        self.kv.copy_(kv.to(self.kv))
+
+    def blend(self, weights: Tensor, indices: Tensor) -> Tensor:
+        """Weighted sum of the chosen banks: weights, indices (b k) -> (b l c h p d)."""
+        if indices.shape[1] == self.cfg.num_experts and self.cfg.routing == "soft":
+            # Dense routing uses every bank: contract over e without materialising a per-example gather.
+            dense = torch.zeros(
+                weights.shape[0], self.cfg.num_experts, device=weights.device, dtype=weights.dtype
+            )
+            dense.scatter_(1, indices, weights)
+            return torch.einsum("be,elchpd->blchpd", dense.to(self.tensor().dtype), self.tensor())
+        chosen = self.tensor()[indices]  # (b k l c h p d)
+        return torch.einsum("bk,bklchpd->blchpd", weights.to(chosen.dtype), chosen)
+
+    def gather(self, indices: Tensor) -> Tensor:
+        """The chosen banks side by side: indices (b k) -> (b k l c h p d)."""
+        return self.tensor()[indices]

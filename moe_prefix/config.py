@@ -1,0 +1,135 @@
+"""Configuration of the prefix mixture, and the sizes it reads off a backbone.
+
+`PrefixConfig` holds only choices a researcher makes. Sizes the backbone already knows (layers,
+key/value heads, head size) are read from its config by `BackboneDims`, never typed by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROUTINGS = ("soft", "topk")
+COMBINES = ("blend", "concat")
+ROUTER_INPUTS = ("embeddings", "hidden", "group")
+LENGTH_MODES = ("fixed", "expert", "learned")
+INITS = ("random", "tokens")
+PREFIX_MODES = ("softmax", "decoupled")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"prefix.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class PrefixConfig:
+    """What the mixture of prefix experts looks like. Validated on construction."""
+
+    num_experts: int = 4  # E prefix banks
+    prefix_len: int = 16  # P positions per bank (the maximum when lengths are dynamic)
+    top_k: int | None = 2  # banks used per input with routing="topk"; None means all of them
+    routing: str = "topk"  # soft: dense softmax over all banks; topk: sparse, renormalised over the top k
+    combine: str = (
+        "blend"  # blend: weighted sum of keys/values (P positions); concat: banks side by side (k·P)
+    )
+    temperature: float = 1.0  # router softmax temperature
+    router_noise: float = 1.0  # std of Gaussian noise on router logits in training (topk only; Shazeer 2017)
+    router_input: str = "embeddings"  # embeddings: masked mean of frozen input embeddings (free)
+    # hidden: masked mean of a frozen pre-pass up to router_layer; group: oracle group id (ablations)
+    router_layer: int = 2  # number of backbone layers the hidden pre-pass runs (router_input="hidden")
+    num_groups: int | None = None  # size of the group vocabulary (router_input="group")
+    balance_coef: float = 0.01  # weight of the Switch load-balancing loss (Fedus et al. 2021)
+    z_coef: float = 0.001  # weight of the router z-loss (Zoph et al. 2022)
+    length: str = "fixed"  # fixed: every input gets P; expert: expert_lengths; learned: a length head
+    expert_lengths: tuple[int, ...] | None = None  # one fixed length per bank (length="expert")
+    min_len: int = 1  # smallest length the learned head can choose
+    length_tau: float = 1.0  # width of the soft mask sigmoid((l - i - 0.5) / tau) used in training
+    length_cost: float = 0.01  # weight of mean(l)/P added to the loss (length="learned")
+    reparam: bool = (
+        False  # train banks through an MLP over small embeddings (Li & Liang 2021); fold() for export
+    )
+    reparam_dim: int = 64  # width of the per-position embedding fed to the MLP
+    reparam_hidden: int = 256  # hidden width of the reparameterisation MLP
+    init: str = "random"  # random: N(0, init_std); tokens: keys/values of real tokens (init_from_text)
+    init_std: float = 0.02
+    prefix_mode: str = "softmax"  # softmax: prefix positions join the attention softmax (Li & Liang);
+    # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
+    train_modules: tuple[str, ...] = field(
+        default_factory=tuple
+    )  # backbone parameter-name prefixes that train
+    # (a freshly initialised task head such as "classifier" or "score")
+
+    def __post_init__(self) -> None:
+        _choice("routing", self.routing, ROUTINGS)
+        _choice("combine", self.combine, COMBINES)
+        _choice("router_input", self.router_input, ROUTER_INPUTS)
+        _choice("length", self.length, LENGTH_MODES)
+        _choice("init", self.init, INITS)
+        _choice("prefix_mode", self.prefix_mode, PREFIX_MODES)
+        if self.num_experts < 1:
+            raise ValueError(f"prefix.num_experts must be >= 1, got {self.num_experts}")
+        if self.prefix_len < 1:
+            raise ValueError(f"prefix.prefix_len must be >= 1, got {self.prefix_len}")
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"prefix.top_k={self.top_k} must lie in 1..num_experts={self.num_experts} (or null for all)"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"prefix.temperature must be > 0, got {self.temperature}")
+        if self.router_input == "group" and not self.num_groups:
+            raise ValueError(
+                "prefix.router_input=group needs prefix.num_groups (the number of distinct groups)"
+            )
+        if self.router_input == "hidden" and self.router_layer < 1:
+            raise ValueError(f"prefix.router_layer must be >= 1, got {self.router_layer}")
+        if self.length == "expert":
+            lengths = self.expert_lengths
+            if lengths is None or len(lengths) != self.num_experts:
+                raise ValueError(
+                    f"prefix.length=expert needs prefix.expert_lengths with one entry per expert "
+                    f"({self.num_experts}), got {lengths}"
+                )
+            if any(not 0 <= n <= self.prefix_len for n in lengths):
+                raise ValueError(
+                    f"prefix.expert_lengths must lie in 0..prefix_len={self.prefix_len}, got {lengths}"
+                )
+            self.expert_lengths = tuple(int(n) for n in lengths)
+        if not 0 <= self.min_len <= self.prefix_len:
+            raise ValueError(
+                f"prefix.min_len must lie in 0..prefix_len={self.prefix_len}, got {self.min_len}"
+            )
+        if self.length_tau <= 0:
+            raise ValueError(f"prefix.length_tau must be > 0, got {self.length_tau}")
+        if self.init == "tokens" and self.reparam:
+            raise ValueError(
+                "prefix.init=tokens sets bank tensors directly; it cannot be combined with reparam=true"
+            )
+        if self.prefix_mode == "decoupled" and self.length != "fixed":
+            raise ValueError("prefix.prefix_mode=decoupled supports only prefix.length=fixed")
+        self.train_modules = tuple(self.train_modules)
+
+    @property
+    def k(self) -> int:
+        """Banks used per input."""
+        if self.routing == "soft" or self.top_k is None:
+            return self.num_experts
+        return self.top_k
+
+
+@dataclass(frozen=True)
+class BackboneDims:
+    """Attention geometry of a backbone, read from its Hugging Face config."""
+
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # prefix heads: grouped-query attention shares each key/value head across query heads
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, config) -> BackboneDims:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, heads, kv_heads, head_dim, text.hidden_size)

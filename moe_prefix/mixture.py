@@ -1,0 +1,228 @@
+"""The mixture of prefix experts: where banks, router and lengths meet, wrapped around a frozen model.
+
+Axes: b - batch, t - tokens, e - experts, k - banks per input, l - layers, c - key/value,
+h - key/value heads, p - prefix positions, d - head dim, m - feature width.
+
+    model = AutoModelForSequenceClassification.from_pretrained(...)
+    mixture = moe_prefix.attach(model, moe_prefix.PrefixConfig(num_experts=4, prefix_len=16, top_k=2))
+    out = mixture(input_ids=ids, attention_mask=mask, labels=y)
+    loss = out.loss + out.routing.aux_loss
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from . import injection
+from .bank import PrefixBank
+from .config import BackboneDims, PrefixConfig
+from .injection import STATE_KWARG, PrefixState
+from .length import LengthController
+from .router import Router
+
+
+class MixtureRouting(NamedTuple):
+    """Routing result of one forward pass (also on `output.routing` and `mixture.last_routing`)."""
+
+    weights: Tensor  # (b e) routing weights, zero off the chosen banks
+    indices: Tensor  # (b k) chosen banks
+    lengths: Tensor  # (b) prefix length per input (per bank: mean over the chosen banks)
+    logits: Tensor  # (b e) router logits
+    aux_loss: Tensor  # scalar: balance + z-loss (weighted) + length cost; add it to the task loss
+    balance_loss: Tensor
+    z_loss: Tensor
+    length_cost: Tensor
+
+
+class _PrePassDone(Exception):
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """(b t m), (b t) -> (b m)."""
+    if mask is None:
+        return x.mean(1)
+    w = mask.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def _decoder_layers(model, num_layers: int) -> nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"could not find the list of {num_layers} transformer layers in {type(model).__name__}")
+
+
+class PrefixMixture(nn.Module):
+    def __init__(self, backbone: nn.Module, cfg: PrefixConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.dims = BackboneDims.from_config(backbone.config)
+        for name, param in backbone.named_parameters():
+            param.requires_grad_(any(name.startswith(prefix) for prefix in cfg.train_modules))
+        if cfg.router_input == "group":
+            feature_dim = cfg.num_groups
+        else:
+            feature_dim = backbone.get_input_embeddings().weight.shape[1]
+        self.bank = PrefixBank(cfg, self.dims)
+        self.router = Router(feature_dim, cfg, normalize=cfg.router_input != "group")
+        self.length = LengthController(feature_dim, cfg)
+        if cfg.prefix_mode == "decoupled":
+            # Zero-initialised gates: the adapted model starts out exactly as the frozen one.
+            self.gate = nn.Parameter(torch.zeros(self.dims.num_layers, self.dims.num_heads))
+        self._previous_attn = injection.install(backbone)
+        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+        self.last_routing: MixtureRouting | None = None
+
+    # -- routing -------------------------------------------------------------------------------
+    def router_features(self, input_ids, attention_mask=None, group_ids=None) -> Tensor:
+        """Per-input router features (b m); never carries gradient into the backbone."""
+        cfg = self.cfg
+        if cfg.router_input == "group":
+            if group_ids is None:
+                raise ValueError("prefix.router_input=group needs group_ids in the batch")
+            return F.one_hot(group_ids.long(), cfg.num_groups).float()
+        with torch.no_grad():
+            if cfg.router_input == "embeddings":
+                hidden = self.backbone.get_input_embeddings()(input_ids)
+            else:
+                hidden = self._pre_pass(input_ids, attention_mask)
+        return _masked_mean(hidden.float(), attention_mask)
+
+    def _pre_pass(self, input_ids, attention_mask) -> Tensor:
+        """Hidden states after the first router_layer layers of the frozen model, without any prefix."""
+        layers = _decoder_layers(self.backbone, self.dims.num_layers)
+        if self.cfg.router_layer > len(layers):
+            raise ValueError(f"prefix.router_layer={self.cfg.router_layer} exceeds the {len(layers)} layers")
+
+        def stop(_module, _args, output):
+            raise _PrePassDone(output[0] if isinstance(output, tuple) else output)
+
+        handle = layers[self.cfg.router_layer - 1].register_forward_hook(stop)
+        try:
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        except _PrePassDone as done:
+            return done.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError("the pre-pass never reached the router layer")
+
+    def prepare(self, input_ids, attention_mask=None, group_ids=None) -> tuple[MixtureRouting, PrefixState]:
+        """Route a batch and build the prefix state that attention reads during the forward."""
+        cfg = self.cfg
+        features = self.router_features(input_ids, attention_mask, group_ids)
+        route = self.router(features)
+        length = self.length(features, route, cfg.combine)
+        if cfg.prefix_mode == "decoupled":
+            state = PrefixState(
+                kv=None, decoupled=route.weights, decoupled_kv=self.bank.tensor(), decoupled_gate=self.gate
+            )
+        elif cfg.combine == "blend":
+            kv = self.bank.blend(route.topk_weights, route.indices)[..., : length.keep, :]
+            bias = None if length.log_mask is None else length.log_mask[:, 0]  # one blended prefix per input
+            state = PrefixState(kv=kv, bias=bias)
+        else:
+            kv = self.bank.gather(route.indices)[..., : length.keep, :]
+            kv = rearrange(kv, "b k l c h p d -> b l c h (k p) d")
+            # log w_j on bank j's positions: exp(score + log w_j) = w_j exp(score), a gate inside attention.
+            bias = route.topk_log_weights[:, :, None].expand(-1, -1, length.keep)
+            if length.log_mask is not None:
+                bias = bias + length.log_mask
+            state = PrefixState(kv=kv, bias=rearrange(bias, "b k p -> b (k p)"))
+        state.query_mask = attention_mask
+        routing = MixtureRouting(
+            weights=route.weights,
+            indices=route.indices,
+            lengths=length.lengths.mean(-1),
+            logits=route.logits,
+            aux_loss=route.aux_loss + length.cost,
+            balance_loss=route.balance_loss,
+            z_loss=route.z_loss,
+            length_cost=length.cost,
+        )
+        return routing, state
+
+    # -- forward / generate -----------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, group_ids=None, **kwargs):
+        """The backbone's usual forward with the routed prefix; the output gains `.routing`.
+
+        Without a cache and without explicit position_ids, positions count real tokens only, so an
+        example's output does not depend on how (left or right) or how much its batch pads it.
+        """
+        routing, state = self.prepare(input_ids, attention_mask, group_ids)
+        if (
+            attention_mask is not None
+            and kwargs.get("position_ids") is None
+            and kwargs.get("past_key_values") is None
+            and kwargs.get("cache") is None
+            and self._takes_position_ids
+        ):
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs
+        )
+        self.last_routing = routing
+        out.routing = routing
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, group_ids=None, **kwargs):
+        """`generate()` of the backbone with a prefix routed once from the prompt."""
+        routing, state = self.prepare(input_ids, attention_mask, group_ids)
+        self.last_routing = routing
+        return self.backbone.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs
+        )
+
+    # -- bank initialisation and export ---------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, seed: int = 0) -> None:
+        """Set every bank to the keys/values of real tokens drawn from this text (Li & Liang 2021).
+
+        Each expert gets different tokens, so experts start distinct but on the data's key manifold.
+        """
+        state = PrefixState(kv=None, capture={})
+        self.backbone(input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state})
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.flatten().nonzero().squeeze(-1)  # positions over (b t)
+        need = self.cfg.num_experts * self.cfg.prefix_len
+        generator = torch.Generator().manual_seed(seed)
+        if len(real) >= need:
+            pick = real[torch.randperm(len(real), generator=generator)[:need]]
+        else:
+            pick = real[torch.randint(len(real), (need,), generator=generator)]
+        layers = []
+        for layer in range(self.dims.num_layers):
+            keys, values = state.capture[layer]  # (b h t d)
+            kv = torch.stack([keys, values])  # (c b h t d)
+            kv = rearrange(kv, "c b h t d -> c h (b t) d")[:, :, pick]
+            layers.append(rearrange(kv, "c h (e p) d -> e c h p d", e=self.cfg.num_experts))
+        self.bank.set_from_activations(torch.stack(layers, dim=1))
+
+    def fold(self) -> None:
+        """Fold the reparameterisation into plain tensors (for inference and export)."""
+        self.bank.fold()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only what trains (prefix side and any task head); never a frozen backbone tensor."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def detach_backbone(self) -> nn.Module:
+        """Give the backbone back with its original attention implementation."""
+        injection.uninstall(self.backbone, self._previous_attn)
+        return self.backbone
+
+
+def attach(model: nn.Module, cfg: PrefixConfig | None = None, **overrides) -> PrefixMixture:
+    """Wrap a loaded transformers model with a mixture of prefix experts; the model is frozen."""
+    cfg = cfg or PrefixConfig(**overrides)
+    return PrefixMixture(model, cfg)

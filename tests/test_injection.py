@@ -1,0 +1,165 @@
+"""Prefix attention against references nobody here wrote: PEFT's cache route, and attention by hand."""
+
+import math
+
+import pytest
+import torch
+from conftest import FAMILIES, batch, tiny_bert, tiny_gpt2, tiny_llama
+from einops import rearrange
+
+from moe_prefix import PrefixConfig, attach
+from moe_prefix.injection import STATE_KWARG, PrefixState
+
+
+def max_diff(a, b, mask):
+    """Largest difference on real tokens (per-token logits) or per example (classifier logits)."""
+    diff = (a - b).abs()
+    return (diff[mask.bool()] if diff.dim() == 3 else diff).max().item()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_zero_length_prefix_equals_untouched_backbone(name):
+    ids, mask = batch(pad_side="right")
+    reference = FAMILIES[name]()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    cfg = PrefixConfig(num_experts=2, prefix_len=4, top_k=1, length="expert", expert_lengths=(0, 0))
+    mixture = attach(FAMILIES[name](), cfg).eval()
+    with torch.no_grad():
+        got = mixture(input_ids=ids, attention_mask=mask).logits
+    assert max_diff(got, expected, mask) <= 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_fully_masked_prefix_in_attention_equals_backbone(name):
+    """A -inf bias on every prefix position (a soft mask at its limit) leaves the model untouched."""
+    ids, mask = batch(pad_side="right")
+    model = FAMILIES[name]()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        mixture = attach(model, PrefixConfig(num_experts=1, prefix_len=3, top_k=1)).eval()
+        _, state = mixture.prepare(ids, mask)
+        state.bias = torch.full((ids.shape[0], 3), float("-inf"))
+        got = model(input_ids=ids, attention_mask=mask, **{STATE_KWARG: state}).logits
+    assert max_diff(got, expected, mask) <= 1e-6
+
+
+def _peft_prefix(model, P):
+    """A PEFT prefix-tuning model with random prefix, and its per-layer keys/values (l c h p d)."""
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(
+        model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    )
+    peft_model.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.normal_()
+        cache = peft_model.get_prompt(batch_size=1)
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    return peft_model, kv
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_single_expert_matches_peft_prefix_tuning(build):
+    P = 5
+    ids, mask = batch(pad_side="left")
+    peft_model, kv = _peft_prefix(build(), P)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask).logits
+    mixture = attach(peft_model.get_base_model(), PrefixConfig(num_experts=1, prefix_len=P, top_k=1)).eval()
+    mixture.bank.set_from_activations(kv[None])
+    # PEFT's cache route puts real tokens at positions P..P+T-1 (whatever the padding).
+    positions = torch.arange(P, P + ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        got = mixture(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert (got - expected)[real].abs().max().item() <= 1e-5
+
+
+def _manual_attention(q, k, v, bias, key_mask, scale):
+    """softmax(q k^T * scale + bias) v, one head at a time, in float64."""
+    scores = torch.einsum("bhqd,bhtd->bhqt", q.double(), k.double()) * scale + bias.double()
+    scores = scores.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    return torch.einsum("bhqt,bhtd->bhqd", scores.softmax(-1), v.double())
+
+
+def _bert_layer0_inputs(model, ids, mask):
+    attn = model.bert.encoder.layer[0].attention.self
+    hidden = model.bert.embeddings(input_ids=ids)
+    heads = lambda x: rearrange(x, "b t (h d) -> b h t d", h=attn.config.num_attention_heads)
+    return attn, hidden, heads(attn.query(hidden)), heads(attn.key(hidden)), heads(attn.value(hidden))
+
+
+def test_bert_prefix_matches_hand_written_eager_attention():
+    torch.manual_seed(0)
+    model = tiny_bert()
+    mixture = attach(model, PrefixConfig(num_experts=1, prefix_len=4, top_k=1, init_std=1.0)).eval()
+    ids, mask = batch(pad_side="right")
+    attn, hidden, q, k, v = _bert_layer0_inputs(model, ids, mask)
+    with torch.no_grad():
+        _, state = mixture.prepare(ids, mask)
+        mask4d = mask.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        out = attn(hidden, attention_mask=mask4d, **{STATE_KWARG: state})[0]
+        pk, pv = state.kv[:, 0, 0], state.kv[:, 0, 1]
+        keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        key_mask = torch.cat([torch.ones(ids.shape[0], 4, dtype=torch.bool), mask.bool()], 1)
+        expected = _manual_attention(q, keys, values, torch.zeros(()), key_mask, attn.scaling)
+    expected = rearrange(expected, "b h t d -> b t (h d)")
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_concat_equals_softmax_over_banks_with_log_weight_biases():
+    """softmax over [prefix_1 ... prefix_k, inputs] with log w_j added on bank j's positions."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    cfg = PrefixConfig(num_experts=3, prefix_len=2, top_k=2, combine="concat", init_std=1.0)
+    mixture = attach(model, cfg).eval()
+    torch.nn.init.normal_(mixture.router.proj.weight, std=1.0)
+    ids, mask = batch(pad_side="right")
+    attn, hidden, q, k, v = _bert_layer0_inputs(model, ids, mask)
+    with torch.no_grad():
+        routing, state = mixture.prepare(ids, mask)
+        mask4d = mask.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        out = attn(hidden, attention_mask=mask4d, **{STATE_KWARG: state})[0]
+        bank = mixture.bank.tensor()[:, 0]  # (e c h p d), layer 0
+        chosen = bank[routing.indices]  # (b k c h p d)
+        w = routing.weights.gather(1, routing.indices)  # (b k)
+        keys = torch.cat([chosen[:, 0, 0], chosen[:, 1, 0], k], 2)
+        values = torch.cat([chosen[:, 0, 1], chosen[:, 1, 1], v], 2)
+        b, t = ids.shape
+        bias = torch.cat([w[:, :1].log().expand(b, 2), w[:, 1:].log().expand(b, 2), torch.zeros(b, t)], 1)
+        key_mask = torch.cat([torch.ones(b, 4, dtype=torch.bool), mask.bool()], 1)
+        expected = _manual_attention(q, keys, values, bias[:, None, None, :], key_mask, attn.scaling)
+    expected = rearrange(expected, "b h t d -> b t (h d)")
+    assert routing.indices[:, 0].ne(routing.indices[:, 1]).all()
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_eager_backbone_stays_eager_and_matches_sdpa():
+    ids, mask = batch(pad_side="left")
+    outs = []
+    for impl in ("sdpa", "eager"):
+        model = tiny_llama()
+        model.set_attn_implementation(impl)
+        mixture = attach(model, PrefixConfig(num_experts=2, prefix_len=3, top_k=2, combine="concat")).eval()
+        assert mixture.backbone.config._attn_implementation.endswith(impl)
+        with torch.no_grad():
+            outs.append(mixture(input_ids=ids, attention_mask=mask).logits)
+    assert (outs[0] - outs[1])[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_state_is_batch_expanded_for_beams():
+    """A prefix state of batch b serves a query batch of b * beams (beam search repeats examples)."""
+    mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1)).eval()
+    ids, mask = batch(b=2, pad_side="left")
+    with torch.no_grad():
+        _, state = mixture.prepare(ids, mask)
+        single = mixture.backbone(input_ids=ids, attention_mask=mask, **{STATE_KWARG: state}).logits
+        doubled = mixture.backbone(
+            input_ids=ids.repeat_interleave(2, 0),
+            attention_mask=mask.repeat_interleave(2, 0),
+            **{STATE_KWARG: state},
+        ).logits
+    assert torch.allclose(doubled[::2], single, atol=1e-6)
+    assert isinstance(state, PrefixState)
