@@ -17,6 +17,7 @@ keys never receive rotary embeddings under either convention.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -181,6 +182,21 @@ AttentionInterface.register(SDPA_NAME, _make_attention(sdpa_attention_forward))
 AttentionInterface.register(EAGER_NAME, _make_attention(eager_attention))
 AttentionMaskInterface.register(SDPA_NAME, sdpa_mask)
 AttentionMaskInterface.register(EAGER_NAME, sdpa_mask)  # our eager takes bool masks too
+
+
+@contextmanager
+def state_kwarg_allowed(model):
+    """Let generate() pass the prefix state to forward: its kwarg check knows only model arguments."""
+    original = model._validate_model_kwargs
+
+    def validate(model_kwargs):
+        return original({k: v for k, v in model_kwargs.items() if k != STATE_KWARG})
+
+    model._validate_model_kwargs = validate
+    try:
+        yield
+    finally:
+        del model._validate_model_kwargs
 
 
 def install(model) -> str:

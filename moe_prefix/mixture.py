@@ -178,9 +178,10 @@ class PrefixMixture(nn.Module):
         """`generate()` of the backbone with a prefix routed once from the prompt."""
         routing, state = self.prepare(input_ids, attention_mask, group_ids)
         self.last_routing = routing
-        return self.backbone.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs
-        )
+        with injection.state_kwarg_allowed(self.backbone):
+            return self.backbone.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs
+            )
 
     # -- bank initialisation and export ---------------------------------------------------------------
     @torch.no_grad()

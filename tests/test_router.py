@@ -1,0 +1,95 @@
+"""Router and auxiliary losses, lengths and configuration checks."""
+
+import pytest
+import torch
+
+from moe_prefix import PrefixConfig, load_balance_loss, router_z_loss
+from moe_prefix.length import LengthController
+from moe_prefix.router import Router
+
+
+def test_topk_weights_are_renormalised_and_sparse():
+    torch.manual_seed(0)
+    router = Router(8, PrefixConfig(num_experts=5, top_k=2)).eval()
+    out = router(torch.randn(6, 8))
+    assert out.indices.shape == (6, 2)
+    assert torch.allclose(out.weights.sum(-1), torch.ones(6))
+    assert (out.weights > 0).sum(-1).eq(2).all()
+    assert torch.allclose(out.weights.gather(1, out.indices), out.topk_weights)
+    # Without noise the chosen banks are the top logits.
+    assert torch.equal(out.indices, out.logits.topk(2).indices)
+
+
+def test_router_noise_only_in_training():
+    torch.manual_seed(0)
+    router = Router(8, PrefixConfig(num_experts=8, top_k=1, router_noise=5.0))
+    x = torch.randn(64, 8)
+    router.eval()
+    assert torch.equal(router(x).indices, router(x).indices)
+    router.train()
+    assert not torch.equal(router(x).indices, router(x).indices)
+
+
+def test_soft_routing_is_dense_softmax_with_temperature():
+    torch.manual_seed(0)
+    router = Router(8, PrefixConfig(num_experts=3, routing="soft", temperature=2.0)).eval()
+    out = router(torch.randn(4, 8))
+    assert torch.allclose(out.weights, torch.softmax(out.logits / 2.0, -1))
+    assert torch.equal(out.indices, torch.arange(3).expand(4, 3))
+
+
+def test_load_balance_is_one_when_uniform_and_larger_when_collapsed():
+    e = 4
+    uniform = torch.full((8, e), 1 / e)
+    spread = torch.arange(8)[:, None] % e
+    assert torch.isclose(load_balance_loss(uniform, spread, e), torch.tensor(1.0))
+    collapsed = torch.zeros(8, e)
+    collapsed[:, 0] = 1
+    assert load_balance_loss(collapsed, torch.zeros(8, 1, dtype=torch.long), e) == e
+
+
+def test_load_balance_ignores_padding_rows():
+    e = 2
+    probs = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    idx = torch.tensor([[0], [1], [0]])
+    mask = torch.tensor([True, True, False])
+    assert torch.isclose(load_balance_loss(probs, idx, e, mask), torch.tensor(1.0))
+
+
+def test_z_loss_formula():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    expected = (torch.logsumexp(logits, -1) ** 2).mean()
+    assert torch.isclose(router_z_loss(logits), expected)
+
+
+def test_soft_length_mask_formula_and_hard_truncation():
+    cfg = PrefixConfig(
+        num_experts=2, prefix_len=6, top_k=1, length="expert", expert_lengths=(2, 5), length_tau=0.5
+    )
+    ctrl = LengthController(4, cfg)
+    router = Router(4, cfg).eval()
+    route = router(torch.randn(3, 4))
+    ctrl.train()
+    out = ctrl(torch.randn(3, 4), route, "concat")
+    lengths = torch.tensor([2.0, 5.0])[route.indices]
+    i = torch.arange(6.0)
+    assert torch.allclose(out.log_mask, torch.sigmoid((lengths[..., None] - i - 0.5) / 0.5).log())
+    ctrl.eval()
+    out = ctrl(torch.randn(3, 4), route, "concat")
+    assert out.keep == int(lengths.max())
+    assert torch.equal(torch.isfinite(out.log_mask), torch.arange(out.keep) < lengths[..., None])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"top_k": 5, "num_experts": 4}, "top_k"),
+        ({"prefix_len": 0}, "prefix_len"),
+        ({"routing": "dense"}, "soft, topk"),
+        ({"length": "expert"}, "expert_lengths"),
+        ({"router_input": "group"}, "num_groups"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrefixConfig(**kwargs)
