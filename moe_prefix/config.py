@@ -76,10 +76,6 @@ class PrefixConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"prefix.temperature must be > 0, got {self.temperature}")
-        if self.router_input == "group" and not self.num_groups:
-            raise ValueError(
-                "prefix.router_input=group needs prefix.num_groups (the number of distinct groups)"
-            )
         if self.router_input == "hidden" and self.router_layer < 1:
             raise ValueError(f"prefix.router_layer must be >= 1, got {self.router_layer}")
         if self.length == "expert":

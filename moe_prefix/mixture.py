@@ -69,6 +69,8 @@ class PrefixMixture(nn.Module):
         for name, param in backbone.named_parameters():
             param.requires_grad_(any(name.startswith(prefix) for prefix in cfg.train_modules))
         if cfg.router_input == "group":
+            if not cfg.num_groups:
+                raise ValueError("prefix.router_input=group needs prefix.num_groups (the number of distinct groups)")
             feature_dim = cfg.num_groups
         else:
             feature_dim = backbone.get_input_embeddings().weight.shape[1]

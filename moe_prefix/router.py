@@ -82,6 +82,12 @@ class Router(nn.Module):
                 noisy = logits + torch.randn_like(logits) * cfg.router_noise
             top, indices = noisy.topk(cfg.k, dim=-1)
             log_w = torch.log_softmax(top / cfg.temperature, dim=-1)
+            if cfg.k == 1:
+                # A single renormalised weight is always 1 and passes no gradient to the router.
+                # Straight-through: the value stays 1, the gradient is that of log p (as in Switch,
+                # where the output is scaled by the chosen expert's probability).
+                log_p = torch.log_softmax(noisy / cfg.temperature, dim=-1).gather(-1, indices)
+                log_w = log_p - log_p.detach()
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
         balance = load_balance_loss(probs, indices, cfg.num_experts)
         z = router_z_loss(logits)

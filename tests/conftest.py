@@ -16,6 +16,9 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
+# Tiny models are dominated by thread start-up; one thread is faster, and robust on a busy machine.
+torch.set_num_threads(1)
+
 VOCAB = 97
 
 
@@ -92,3 +95,109 @@ def batch(b: int = 3, t: int = 9, seed: int = 0, pad_side: str = "right"):
             mask[i, :n] = 0
     ids = ids.masked_fill(mask == 0, 0)
     return ids, mask
+
+
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "poor",
+    "movie",
+    "food",
+    "screen",
+    "plot",
+    "taste",
+    "battery",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    """A tiny BERT and a word-level tokenizer saved like a pretrained model folder."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    return save_tiny_backbone(folder)
+
+
+def save_tiny_backbone(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertModel, PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def write_reviews_csv(path, n=160, seed=0):
+    """Reviews whose label follows their sentiment word, in two 'sites' with different topic words."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "stars", "site"])
+        for _ in range(n):
+            site = rng.choice(["cinema", "kitchen"])
+            topics = ["movie", "plot", "screen"] if site == "cinema" else ["food", "taste", "battery"]
+            positive = rng.random() < 0.5
+            sentiment = rng.choice(["good", "great", "fine"] if positive else ["bad", "awful", "poor"])
+            words = [rng.choice(topics) for _ in range(rng.randint(2, 6))] + [sentiment]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), "pos" if positive else "neg", site])
+    return path
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    return write_reviews_csv(tmp_path / "reviews.csv")
+
+
+def tiny_run_overrides(backbone_dir, csv_path, run_dir, **extra):
+    """Config overrides for a seconds-long run on the tiny backbone and a generated CSV."""
+    values = {
+        "model.backbone": backbone_dir,
+        "data.source": csv_path,
+        "data.text_column": "review",
+        "data.label_column": "stars",
+        "data.group_column": "site",
+        "data.batch_size": 16,
+        "prefix.num_experts": 2,
+        "prefix.prefix_len": 4,
+        "prefix.top_k": 1,
+        "trainer.max_steps": 8,
+        "trainer.max_epochs": 50,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "trainer.logger": None,
+        "run_dir": run_dir,
+        "checkpoint_every_n_steps": 4,
+        "optim.lr": 0.05,
+    }
+    values.pop("trainer.logger")
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

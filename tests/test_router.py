@@ -87,9 +87,18 @@ def test_soft_length_mask_formula_and_hard_truncation():
         ({"prefix_len": 0}, "prefix_len"),
         ({"routing": "dense"}, "soft, topk"),
         ({"length": "expert"}, "expert_lengths"),
-        ({"router_input": "group"}, "num_groups"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrefixConfig(**kwargs)
+
+
+def test_top1_router_receives_task_gradient():
+    """With k=1 the renormalised weight is 1; the straight-through estimator still trains the router."""
+    torch.manual_seed(0)
+    router = Router(8, PrefixConfig(num_experts=4, top_k=1, balance_coef=0.0, z_coef=0.0)).eval()
+    out = router(torch.randn(5, 8))
+    assert torch.allclose(out.topk_weights, torch.ones(5, 1))
+    (out.topk_weights * torch.randn(5, 1)).sum().backward()
+    assert router.proj.weight.grad.abs().sum() > 0

@@ -1,0 +1,65 @@
+"""What the scripts share: turning expected errors into one line and an exit code, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .run_config import ConfigError, config_from_dict, load_config
+
+EXIT_USAGE = 2
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input, reported in one line."""
+    from .assets import AssetError
+    from .checkpointing import CheckpointError
+    from .data import DataError
+    from .training import NonFiniteLossError
+
+    return (ConfigError, DataError, AssetError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+
+
+def run_cli(command, *args) -> int:
+    try:
+        return command(*args) or 0
+    except expected_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def load_run_config(run_dir: str | Path):
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    return config_from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def fit_command(config: str | None, overrides: list[str], resume: str | None) -> int:
+    if resume:
+        if config:
+            raise ConfigError("use either --config or --resume RUN_DIR (the run directory holds its config)")
+        cfg = load_run_config(resume)
+        if overrides:
+            raise ConfigError("--resume continues a run as configured; overrides are not accepted")
+    else:
+        cfg = load_config(config, overrides)
+    from .training import fit
+
+    result = fit(cfg, resume=bool(resume))
+    shown = {
+        k: v for k, v in result.metrics.items() if k.startswith("val/acc") or k in ("val/loss", "val/f1")
+    }
+    for key, value in sorted(shown.items()):
+        print(f"{key}: {value:.4f}")
+    print(
+        f"trainable parameters: {result.metrics['trainable_params']:,}; "
+        f"training time: {result.metrics['train_time_s']} s"
+    )
+    print(f"run directory: {result.run_dir}")
+    return 0

@@ -1,0 +1,188 @@
+"""Batches for training and evaluation: tokenised once, padded per batch, resumable mid-epoch.
+
+Axes: b - batch, t - tokens.
+
+The training order of epoch e is a permutation seeded by (seed, e), and a run resumed at step s skips
+the batches it already saw, so an interrupted and resumed run visits exactly the batches an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from . import data as data_io
+from .run_config import RunConfig
+
+
+@dataclass
+class Encoded:
+    """One tokenised example."""
+
+    index: int  # position in its split: joins predictions back to the examples
+    input_ids: list[int]
+    label: int = -100  # class index (classification)
+    group: int = -1  # group index, -1 when the data has no group column
+    router_len: int = 0  # generation: prompt tokens (what the router may see)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way in (after a resume)."""
+
+    def __init__(self, n: int, seed: int, skip_fn=None):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.skip_fn = skip_fn  # asked once, at the first epoch: how many examples a resumed run already saw
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(self.n))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        if self.skip_fn is not None:
+            self.skip, self.skip_fn = self.skip_fn(), None
+        start, self.skip = self.skip, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
+def pad_batch(items: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    t = max(len(x.input_ids) for x in items)
+    ids = torch.full((len(items), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), t), dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x.input_ids)
+        sl = slice(t - n, t) if left else slice(0, n)
+        ids[i, sl] = torch.tensor(x.input_ids)
+        mask[i, sl] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.tensor([x.label for x in items]),
+        "group_ids": torch.tensor([max(x.group, 0) for x in items]),
+        "has_group": torch.tensor([x.group >= 0 for x in items]),
+        "index": torch.tensor([x.index for x in items]),
+    }
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # decoders often ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class ClassificationData(L.LightningDataModule):
+    """Text classification from a built-in dataset or the user's CSV/TSV/JSONL file."""
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.loaded = False
+
+    def load(self) -> None:
+        """Read, split and tokenise once; safe to call again."""
+        if self.loaded:
+            return
+        d = self.cfg.data
+        read = lambda src: data_io.load_examples(src, d.text_column, d.label_column, d.group_column)  # noqa: E731
+        examples = read(d.source)
+        if d.val_source:
+            train, val = examples, read(d.val_source)
+        else:
+            train, val = data_io.train_val_split(examples, d.val_fraction, d.split_seed)
+        train = _subsample(train, d.max_train_examples, d.split_seed)
+        val = _subsample(val, d.max_val_examples, d.split_seed)
+        data_io.check_labels(train, val)
+        self.train_examples, self.val_examples = train, val
+        self.label_vocab = data_io.build_label_vocab(train)
+        groups = sorted({ex.group for ex in train + val if ex.group is not None})
+        self.group_names = groups
+        self.group_vocab = {g: i for i, g in enumerate(groups)}
+        self.train_set = self._encode(train)
+        self.val_set = self._encode(val)
+        self.loaded = True
+
+    def encode_examples(self, examples) -> list[Encoded]:
+        """Tokenise other examples (evaluate.py on another file) with this run's label/group vocabularies."""
+        return self._encode(examples)
+
+    def _encode(self, examples) -> list[Encoded]:
+        max_len = self.cfg.model.max_length
+        ids = self.tokenizer([ex.text for ex in examples], truncation=False)["input_ids"]
+        too_long = sum(len(x) > max_len for x in ids)
+        if too_long:
+            warnings.warn(
+                f"{too_long} of {len(ids)} texts are longer than model.max_length={max_len} tokens "
+                "and were truncated",
+                stacklevel=2,
+            )
+        return [
+            Encoded(
+                index=i,
+                input_ids=x[:max_len],
+                label=self.label_vocab.get(ex.label, -100),
+                group=self.group_vocab.get(ex.group, -1),
+            )
+            for i, (ex, x) in enumerate(zip(examples, ids, strict=True))
+        ]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_vocab)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def _collate(self, items):
+        return pad_batch(items, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self):
+        sampler = EpochSampler(len(self.train_set), self.cfg.seed, skip_fn=self._resumed_examples)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.data.batch_size,
+            sampler=sampler,
+            collate_fn=self._collate,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def _resumed_examples(self) -> int:
+        """Examples of the current epoch a resumed run already trained on (0 for a fresh run).
+
+        Called when the first epoch's iterator is made, after Lightning restored the step counter.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        per_epoch = -(-len(self.train_set) // self.cfg.data.batch_size)
+        return (trainer.global_step % per_epoch) * self.cfg.data.batch_size
+
+    def val_dataloader(self):
+        return self.eval_loader(self.val_set)
+
+    def eval_loader(self, encoded: list[Encoded]) -> DataLoader:
+        return DataLoader(
+            encoded,
+            batch_size=self.cfg.data.eval_batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+
+def _subsample(items: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]

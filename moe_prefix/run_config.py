@@ -1,0 +1,256 @@
+"""Run configuration: typed dataclass defaults, then a YAML file, then command-line overrides.
+
+OmegaConf merges the three layers (and parses `key=value` dotlists); the merged result is checked
+against the dataclasses here: unknown keys (with the nearest valid key suggested), wrong types and
+invalid values all fail with one line naming the key, before any model or data loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .config import PrefixConfig
+
+TASKS = ("classification", "generation")
+METHODS = ("prefix", "linear_probe", "prompt", "lora", "full")
+POOLINGS = ("mean", "cls", "last")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot start from; the message names the key and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "minilm"  # alias (minilm, smollm2-135m), hub id or local folder
+    task: str = "classification"  # classification: pooled hidden state -> linear head; generation: causal LM
+    method: str = "prefix"  # prefix (the mixture), or a baseline: linear_probe, prompt, lora, full
+    pooling: str = "mean"  # classification head input: mean of real tokens, first token (cls) or last token
+    max_length: int = 64  # tokens per input; longer texts are truncated (with one warning)
+    prompt_len: int = 16  # soft-prompt length (method=prompt)
+    lora_rank: int = 8  # method=lora
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for key, choices in (("task", TASKS), ("method", METHODS), ("pooling", POOLINGS)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if self.max_length < 1:
+            raise ConfigError(f"model.max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "vader_domains"  # built-in alias (vader_domains, e2e_nlg) or a .csv/.tsv/.jsonl file
+    val_source: str | None = None  # a separate validation file; else a seeded split of source
+    val_fraction: float = 0.2
+    split_seed: int = 0  # the split stays fixed when the training seed changes
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = "group"  # domain/task for routing analysis and per-group metrics; null if none
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_train_examples: int | None = None  # a seeded subsample, for quick runs
+    max_val_examples: int | None = None
+    prompt_format: str = "{input}\n"  # generation: text the target follows
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"  # onecycle (warm-up then cosine decay), cosine, constant
+    warmup_fraction: float = 0.1
+    head_lr: float | None = None  # learning rate of a new task head; null: the same as lr
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    return {
+        "max_epochs": 1,
+        "max_steps": -1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "32-true",
+        "log_every_n_steps": 20,
+        "gradient_clip_val": 1.0,
+        "deterministic": True,
+        "num_sanity_val_steps": 0,
+    }
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    num_beams: int = 1  # 1: greedy
+    num_samples_saved: int = 20  # generations written next to their references in the run directory
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trainer: dict[str, Any] = field(
+        default_factory=_trainer_defaults
+    )  # keyword arguments of lightning.Trainer
+    seed: int = 0
+    run_dir: str | None = None  # null: runs/<config name>-<time>
+    name: str = "run"
+    checkpoint_every_n_steps: int = 50  # step checkpoints for --resume (besides the end of each epoch)
+
+
+# -- checking ---------------------------------------------------------------------------------------
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {path}{near[0]}?)" if near else ""
+    return ConfigError(f"unknown config key {path}{key}{hint}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (tuple, list):
+        inner = typing.get_args(annotation)[:1]
+        return (
+            isinstance(value, (list, tuple)) and all(_type_ok(v, inner[0]) for v in value) if inner else True
+        )
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls, values: dict, path: str):
+    """Instantiate dataclass cls from a plain dict, checking keys and types first."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(path, key, names)
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}{key} must be a section (mapping), got {value!r}")
+            kwargs[key] = _build(annotation, value, f"{path}{key}.")
+            continue
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{path}{key}={value!r} has the wrong type: expected {_type_name(annotation)}")
+        if annotation is float or (
+            typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            and float in typing.get_args(annotation)
+            and isinstance(value, int)
+        ):
+            value = float(value) if value is not None else None
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_trainer(trainer: dict[str, Any]) -> None:
+    import lightning
+
+    accepted = [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
+    for key in trainer:
+        if key not in accepted:
+            raise _unknown_key("trainer.", key, accepted)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- `key=value` overrides, checked; raises ConfigError on any problem."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # yaml errors carry line and column
+            raise ConfigError(f"cannot parse {path}: {err}") from None
+        if layers[-1] is None or not isinstance(OmegaConf.to_container(layers[-1]), dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example prefix.top_k=2)")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        user = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True) if layers else {}
+    except Exception as err:
+        raise ConfigError(f"cannot read config overrides: {err}") from None
+    if path is not None and "name" not in user:
+        user["name"] = path.stem
+    trainer = {**_trainer_defaults(), **(user.pop("trainer", None) or {})}
+    _check_trainer(trainer)
+    cfg = _build(RunConfig, user, "")
+    cfg.trainer = trainer
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: RunConfig) -> None:
+    """Checks that span sections."""
+    if cfg.model.task == "generation" and cfg.data.source == "vader_domains":
+        raise ConfigError("model.task=generation needs a generation dataset such as data.source=e2e_nlg")
+    if cfg.prefix.router_input == "group" and cfg.data.group_column is None:
+        raise ConfigError("prefix.router_input=group needs data.group_column (the column holding group ids)")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), path)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a saved config (the run directory's config.yaml)."""
+    values = dict(values)
+    trainer = values.pop("trainer", {})
+    cfg = _build(RunConfig, values, "")
+    cfg.trainer = trainer
+    return cfg
