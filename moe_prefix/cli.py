@@ -63,3 +63,29 @@ def fit_command(config: str | None, overrides: list[str], resume: str | None) ->
     )
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def evaluate_command(run_dir: str, data_file: str | None) -> int:
+    """Evaluate a saved run on its validation split, or on another file with the same columns."""
+    import json
+
+    from . import data as data_io
+    from .training import TaskModule, evaluate_module, load_network
+
+    cfg = load_run_config(run_dir)
+    cfg, data, network = load_network(run_dir, cfg)
+    module = TaskModule(network, cfg, data.num_classes, data.group_names)
+    loader, name = None, "val"
+    if data_file:
+        d = cfg.data
+        examples = data_io.load_examples(data_file, d.text_column, d.label_column, d.group_column)
+        data_io.check_labels(data.train_examples, examples)
+        loader, name = data.eval_loader(data.encode_examples(examples)), Path(data_file).stem
+    metrics = evaluate_module(module, data, cfg, loader)
+    out = Path(run_dir) / f"eval-{name}.json"
+    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    for key, value in sorted(metrics.items()):
+        if key.startswith("val/acc") or key in ("val/loss", "val/f1"):
+            print(f"{key}: {value:.4f}")
+    print(f"metrics written to {out}")
+    return 0

@@ -239,6 +239,29 @@ def _check_cross(cfg: RunConfig) -> None:
         raise ConfigError("prefix.router_input=group needs data.group_column (the column holding group ids)")
 
 
+def check_sources(cfg: RunConfig) -> None:
+    """Backbone and data must name something that exists here, checked before anything loads."""
+    import os
+
+    from .assets import DATA_ALIASES, MODEL_ALIASES
+
+    backbone = cfg.model.backbone
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if backbone not in MODEL_ALIASES and not Path(backbone).is_dir():
+        hint = " (HF_HUB_OFFLINE is set, so hub ids cannot be fetched)" if offline else ""
+        if offline or "/" not in backbone:
+            raise ConfigError(
+                f"model.backbone={backbone!r} is neither a built-in alias ({', '.join(MODEL_ALIASES)}) "
+                f"nor a local model folder{hint}"
+            )
+    for key in ("source", "val_source"):
+        value = getattr(cfg.data, key)
+        if value is not None and value not in DATA_ALIASES and not Path(value).is_file():
+            raise ConfigError(
+                f"data.{key}={value!r} is neither a built-in dataset ({', '.join(DATA_ALIASES)}) nor an existing file"
+            )
+
+
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -29,7 +29,7 @@ from .checkpointing import SafetensorsCheckpointIO, check_compatible
 from .datamodule import ClassificationData, load_tokenizer
 from .networks import SequenceClassifier, trainable_state_dict
 from .routing_stats import detect_collapse
-from .run_config import ConfigError, RunConfig, save_config, to_dict
+from .run_config import ConfigError, RunConfig, check_sources, save_config, to_dict
 
 WEIGHTS_FILE = "adapter.safetensors"
 ROUTING_FILE = "routing.csv"
@@ -226,6 +226,7 @@ def build(cfg: RunConfig):
     """Tokenizer, data and network for a config (shared by fit, evaluate and the analysis)."""
     from transformers import AutoModel
 
+    check_sources(cfg)
     path = assets.resolve_backbone(cfg.model.backbone)
     tokenizer = load_tokenizer(path)
     data = ClassificationData(cfg, tokenizer)

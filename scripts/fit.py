@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from moe_prefix.cli import run_cli
+from moe_prefix.cli import fit_command, run_cli
 
 
 def main(argv=None) -> int:
@@ -16,8 +16,6 @@ def main(argv=None) -> int:
         "overrides", nargs="*", help="config overrides such as prefix.top_k=2 trainer.max_steps=50"
     )
     args = parser.parse_args(argv)
-    from moe_prefix.cli import fit_command
-
     return run_cli(fit_command, args.config, args.overrides, args.resume)
 
 

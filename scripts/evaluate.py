@@ -1,0 +1,18 @@
+"""Evaluate a finished run: python scripts/evaluate.py RUN_DIR [--data FILE]."""
+
+import argparse
+import sys
+
+from moe_prefix.cli import evaluate_command, run_cli
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", help="a run directory written by scripts/fit.py")
+    parser.add_argument("--data", help="a .csv/.tsv/.jsonl file with the run's columns (default: its validation split)")
+    args = parser.parse_args(argv)
+    return run_cli(evaluate_command, args.run_dir, args.data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Bad input through the scripts: one line naming the problem, exit code 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_run_overrides, write_reviews_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import evaluate as evaluate_script  # noqa: E402
+import fit as fit_script  # noqa: E402
+
+
+def run_fit(argv, capsys):
+    code = fit_script.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def assert_clean_failure(code, output, message):
+    assert code == 2, output
+    assert message in output, output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--config", "configs/nope.yaml"], "config file not found: configs/nope.yaml"),
+        (["--config", "configs/moe4.yaml", "prefix.topk=2"], "did you mean prefix.top_k"),
+        (["prefix.num_experts=2", "prefix.top_k=3"], "prefix.top_k=3 must lie in 1..num_experts=2"),
+        (["prefix.prefix_len=-4"], "prefix.prefix_len must be >= 1"),
+        (["model.backbone=no-such-model"], "model.backbone='no-such-model' is neither a built-in alias"),
+        (["data.source=missing.csv"], "data.source='missing.csv' is neither a built-in dataset"),
+    ],
+)
+def test_config_errors(argv, message, capsys):
+    assert_clean_failure(*run_fit(argv, capsys), message)
+
+
+def test_config_error_from_a_real_process():
+    """The same standard when run as a program (what a user sees in the terminal)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "scripts/fit.py", "--config", "configs/moe4.yaml", "prefix.combine=stack"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: prefix.combine='stack' is not one of blend, concat"
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def _csv(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content,extra,message",
+    [
+        (None, {}, "is neither a built-in dataset (vader_domains, e2e_nlg) nor an existing file"),
+        ("", {}, "data file is empty"),
+        ("review,rating,site\ngood movie,pos,cinema\n", {}, "no column 'stars' (columns present: review, rating, site)"),
+        ("review,stars,site\ngood movie,,cinema\nbad plot,neg,cinema\n", {}, "stars"),
+    ],
+)
+def test_data_errors(tiny_backbone_dir, tmp_path, capsys, content, extra, message):
+    path = tmp_path / "data.csv"
+    if content is not None:
+        _csv(path, content)
+    argv = tiny_run_overrides(tiny_backbone_dir, path, tmp_path / "run", **extra)
+    assert_clean_failure(*run_fit(argv, capsys), message)
+
+
+def test_validation_label_unseen_in_training(tiny_backbone_dir, tmp_path, capsys):
+    train = write_reviews_csv(tmp_path / "train.csv", n=40)
+    val = _csv(tmp_path / "val.csv", "review,stars,site\ngood movie,meh,cinema\n")
+    argv = tiny_run_overrides(tiny_backbone_dir, train, tmp_path / "run", **{"data.val_source": val})
+    assert_clean_failure(*run_fit(argv, capsys), "validation labels never seen in training: ['meh']")
+
+
+def test_long_texts_and_bad_bytes_warn_and_train(tiny_backbone_dir, tmp_path, capsys):
+    path = write_reviews_csv(tmp_path / "reviews.csv", n=60)
+    with open(path, "ab") as f:
+        f.write(b"good movie \xff\xfe plot " + b"screen " * 80 + b",pos,cinema\n")
+    argv = tiny_run_overrides(tiny_backbone_dir, path, tmp_path / "run", **{"trainer.max_steps": 2})
+    with pytest.warns(UserWarning) as record:
+        code, output = run_fit(argv, capsys)
+    assert code == 0, output
+    messages = " ".join(str(w.message) for w in record)
+    assert "longer than model.max_length=64 tokens and were truncated" in messages
+    assert "1 line" in messages or "replacement" in messages
+
+
+def test_resume_without_checkpoint_and_fresh_run_over_old_one(tiny_backbone_dir, reviews_csv, tmp_path, capsys):
+    argv = tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "run", **{"trainer.max_steps": 2})
+    assert run_fit(argv, capsys)[0] == 0
+    assert_clean_failure(*run_fit(argv, capsys), "already holds checkpoints: continue it with --resume")
+    assert_clean_failure(*run_fit(["--resume", tmp_path / "nowhere"], capsys), "is not a run directory")
+
+
+def test_evaluate_on_validation_split_and_on_a_file(tiny_backbone_dir, reviews_csv, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_fit(tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 4}), capsys)[0] == 0
+    assert evaluate_script.main([str(run)]) == 0
+    assert "val/acc" in capsys.readouterr().out and (run / "eval-val.json").is_file()
+    other = write_reviews_csv(tmp_path / "other.csv", n=30, seed=5)
+    assert evaluate_script.main([str(run), "--data", str(other)]) == 0
+    assert (run / "eval-other.json").is_file()
