@@ -274,6 +274,10 @@ def _loggers(run_dir: Path):
 
 def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     """Train one run and write its run directory; with resume, continue from its last checkpoint."""
+    if cfg.model.task == "generation":
+        from .generation import fit_generation
+
+        return fit_generation(cfg, resume)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     if not resume and any((run_dir / "checkpoints").glob("*.ckpt")):
