@@ -52,6 +52,8 @@ def fit_command(config: str | None, overrides: list[str], resume: str | None) ->
     from .training import fit
 
     result = fit(cfg, resume=bool(resume))
+    if not result.metrics:  # a non-zero DDP process: process 0 reports
+        return 0
     shown = {
         k: v for k, v in result.metrics.items() if k.startswith("val/acc") or k in ("val/loss", "val/f1")
     }

@@ -33,10 +33,16 @@ class Encoded:
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way in (after a resume)."""
+    """A seeded permutation per epoch that can start part-way in (after a resume).
 
-    def __init__(self, n: int, seed: int, skip_fn=None):
+    Under data parallelism process r of w takes every w-th example from position r of the same
+    permutation, so at each step the processes together see exactly the global batch that a single
+    process with a w times larger batch would see.
+    """
+
+    def __init__(self, n: int, seed: int, skip_fn=None, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.rank, self.world = rank, world
         self.skip_fn = skip_fn  # asked once, at the first epoch: how many examples a resumed run already saw
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
@@ -48,10 +54,10 @@ class EpochSampler(Sampler[int]):
         if self.skip_fn is not None:
             self.skip, self.skip_fn = self.skip_fn(), None
         start, self.skip = self.skip, 0
-        return iter(order[start:])
+        return iter(order[start:][self.rank :: self.world])
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return len(range(self.rank, self.n - self.skip, self.world))
 
 
 def pad_batch(items: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
@@ -148,7 +154,9 @@ class ClassificationData(L.LightningDataModule):
         return pad_batch(items, self.tokenizer.pad_token_id)
 
     def train_dataloader(self):
-        sampler = EpochSampler(len(self.train_set), self.cfg.seed, skip_fn=self._resumed_examples)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(len(self.train_set), self.cfg.seed, self._resumed_examples, rank, world)
         return DataLoader(
             self.train_set,
             batch_size=self.cfg.data.batch_size,
@@ -165,8 +173,9 @@ class ClassificationData(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.global_step == 0:
             return 0
-        per_epoch = -(-len(self.train_set) // self.cfg.data.batch_size)
-        return (trainer.global_step % per_epoch) * self.cfg.data.batch_size
+        global_batch = self.cfg.data.batch_size * trainer.world_size  # the sampler is sharded across processes
+        per_epoch = -(-len(self.train_set) // global_batch)
+        return (trainer.global_step % per_epoch) * global_batch
 
     def val_dataloader(self):
         return self.eval_loader(self.val_set)

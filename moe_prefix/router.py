@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,20 +30,47 @@ class RouterOutput(NamedTuple):
     aux_loss: Tensor  # scalar, balance_coef * balance_loss + z_coef * z_loss
 
 
-def load_balance_loss(probs: Tensor, indices: Tensor, num_experts: int, mask: Tensor | None = None) -> Tensor:
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum is the sum of the gradients, all-reduced the same way."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _global_sum(x: Tensor, sync: bool) -> Tensor:
+    """Sum over data-parallel processes when training under DDP; the identity otherwise."""
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllReduceSum.apply(x)
+    return x
+
+
+def load_balance_loss(
+    probs: Tensor, indices: Tensor, num_experts: int, mask: Tensor | None = None, sync: bool = False
+) -> Tensor:
     """Switch Transformer load balance: E * sum_e f_e * P_e.
 
     probs (b e) full router probabilities; indices (b k) chosen banks; mask (b) marks real examples
     (padding rows of a batch are ignored). f_e is the fraction of routing slots that went to e,
     P_e the mean probability given to e. Equals 1 when both are uniform, grows as load concentrates.
+    With sync under data parallelism, f and P are computed over the global batch, so 2 processes on
+    half batches give the loss (and, after DDP's gradient averaging, the gradient) of 1 process on all.
     """
     if mask is None:
         mask = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
     mask = mask.to(probs.dtype)
     counts = F.one_hot(indices, num_experts).to(probs.dtype).sum(1)  # (b e)
-    slots = (mask.sum() * indices.shape[1]).clamp_min(1)
-    fraction = (counts * mask[:, None]).sum(0) / slots
-    mean_prob = (probs * mask[:, None]).sum(0) / mask.sum().clamp_min(1)
+    n = _global_sum(mask.sum().detach(), sync).clamp_min(1)
+    fraction = _global_sum((counts * mask[:, None]).sum(0).detach(), sync) / (n * indices.shape[1])
+    mean_prob = _global_sum((probs * mask[:, None]).sum(0), sync) / n
     return num_experts * (fraction * mean_prob).sum()
 
 
@@ -89,7 +117,7 @@ class Router(nn.Module):
                 log_p = torch.log_softmax(noisy / cfg.temperature, dim=-1).gather(-1, indices)
                 log_w = log_p - log_p.detach()
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
-        balance = load_balance_loss(probs, indices, cfg.num_experts)
+        balance = load_balance_loss(probs, indices, cfg.num_experts, sync=self.training)
         z = router_z_loss(logits)
         aux = cfg.balance_coef * balance + cfg.z_coef * z
         return RouterOutput(logits, weights, indices, log_w.exp(), log_w, balance, z, aux)

@@ -99,6 +99,7 @@ def _trainer_defaults() -> dict[str, Any]:
         "gradient_clip_val": 1.0,
         "deterministic": True,
         "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,  # our sampler shards itself, keeping 1-process and DDP runs identical
     }
 
 

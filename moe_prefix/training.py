@@ -103,6 +103,7 @@ class TaskModule(L.LightningModule):
                     **{f"train/load/e{i}": v for i, v in enumerate(summary["load"])},
                 },
                 batch_size=b,
+                sync_dist=True,  # routing statistics over the global batch under DDP
             )
         if not torch.isfinite(total):
             raise NonFiniteLossError(
@@ -312,13 +313,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     if ckpt_path:
         _set_aside_logs(run_dir / "logs")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under DDP, process 0 alone evaluates and writes the run directory; the others are done.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not trainer.is_global_zero:
+        return FitResult(run_dir, {})
     _merge_logs(run_dir / "logs")
     metrics = evaluate_module(module, data, cfg)
     metrics["trainable_params"] = count_parameters(network)
     metrics["train_time_s"] = round(getattr(timer, "seconds", float("nan")), 1)
     metrics["steps"] = trainer.global_step
-    if trainer.is_global_zero:
-        write_run(run_dir, network, cfg, module, data, metrics)
+    write_run(run_dir, network, cfg, module, data, metrics)
     return FitResult(run_dir, metrics)
 
 

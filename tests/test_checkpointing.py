@@ -1,0 +1,66 @@
+"""Safetensors checkpoints: round trip, atomic writes, corrupted files, weights for another backbone."""
+
+import pytest
+import torch
+
+from moe_prefix.checkpointing import CheckpointError, check_compatible, load_checkpoint_file, save_checkpoint_file
+
+
+def _checkpoint():
+    return {
+        "epoch": 2,
+        "global_step": 17,
+        "state_dict": {"network.body.bank.kv": torch.randn(2, 3)},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+                              "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0]}]}],
+        "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 3}}}, "flag": None, "x": float("inf")},
+    }
+
+
+def test_round_trip_keeps_types(tmp_path):
+    ckpt = _checkpoint()
+    save_checkpoint_file(ckpt, tmp_path / "a.ckpt")
+    back = load_checkpoint_file(tmp_path / "a.ckpt")
+    assert back["global_step"] == 17 and back["loops"]["flag"] is None and back["loops"]["x"] == float("inf")
+    assert torch.equal(back["state_dict"]["network.body.bank.kv"], ckpt["state_dict"]["network.body.bank.kv"])
+    state = back["optimizer_states"][0]["state"]
+    assert list(state) == [0] and torch.equal(state[0]["exp_avg"], torch.ones(2))  # int keys survive
+    assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples survive
+
+
+def test_no_pickle_anywhere(tmp_path):
+    save_checkpoint_file(_checkpoint(), tmp_path / "a.ckpt")
+    raw = (tmp_path / "a.ckpt").read_bytes()
+    assert b"\x80\x04" not in raw[:64] and raw[8:9] == b"{"  # a safetensors JSON header, not a pickle
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint_file(_checkpoint(), path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    monkeypatch.setattr("moe_prefix.checkpointing.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_file(_checkpoint(), path)
+    assert path.read_bytes() == before
+    load_checkpoint_file(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupted_file_fails_clearly(tmp_path, damage):
+    path = tmp_path / "a.ckpt"
+    save_checkpoint_file(_checkpoint(), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00" * 40 + raw[40:])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint_file(path)
+
+
+def test_weights_for_another_backbone_name_both():
+    saved = {"body.bank.kv": torch.zeros(4, 6, 2, 12, 16, 32)}
+    here = {"body.bank.kv": torch.zeros(4, 30, 2, 3, 16, 64)}
+    with pytest.raises(CheckpointError, match="saved for backbone 'minilm' do not fit backbone 'smollm2-135m'"):
+        check_compatible(saved, here, "minilm", "smollm2-135m")
