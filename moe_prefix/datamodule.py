@@ -129,8 +129,7 @@ class ClassificationData(L.LightningDataModule):
         too_long = sum(len(x) > max_len for x in ids)
         if too_long:
             warnings.warn(
-                f"{too_long} of {len(ids)} texts are longer than model.max_length={max_len} tokens "
-                "and were truncated",
+                f"{too_long} of {len(ids)} texts are longer than model.max_length={max_len} tokens and were truncated",
                 stacklevel=2,
             )
         return [

@@ -154,12 +154,19 @@ class PrefixMixture(nn.Module):
 
     # -- forward / generate -----------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, group_ids=None, **kwargs):
-        """The backbone's usual forward with the routed prefix; the output gains `.routing`.
+        """The backbone's usual forward with the routed prefix; the output gains `.routing`."""
+        routing, state = self.prepare(input_ids, attention_mask, group_ids)
+        out = self.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        self.last_routing = routing
+        out.routing = routing
+        return out
+
+    def run_backbone(self, state: PrefixState, input_ids=None, attention_mask=None, **kwargs):
+        """The backbone's forward with a given prefix state (probes and captures set on it are filled).
 
         Without a cache and without explicit position_ids, positions count real tokens only, so an
         example's output does not depend on how (left or right) or how much its batch pads it.
         """
-        routing, state = self.prepare(input_ids, attention_mask, group_ids)
         if (
             attention_mask is not None
             and kwargs.get("position_ids") is None
@@ -168,12 +175,7 @@ class PrefixMixture(nn.Module):
             and self._takes_position_ids
         ):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs
-        )
-        self.last_routing = routing
-        out.routing = routing
-        return out
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, group_ids=None, **kwargs):
@@ -193,7 +195,7 @@ class PrefixMixture(nn.Module):
         Each expert gets different tokens, so experts start distinct but on the data's key manifold.
         """
         state = PrefixState(kv=None, capture={})
-        self.backbone(input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state})
+        self.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         real = attention_mask.flatten().nonzero().squeeze(-1)  # positions over (b t)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .datamodule import _subsample
 from .geometry import effective_rank, linear_cka, mahalanobis_distance, mean_cosine_to_reference, principal_angles
-from .injection import STATE_KWARG, PrefixState
+from .injection import PrefixState
 
 __all__ = [
     "BankGeometry",
@@ -74,12 +74,7 @@ def _to(batch: Mapping[str, Tensor], device) -> dict[str, Tensor]:
 
 
 def _run_backbone(mixture, batch: Mapping[str, Tensor], state: PrefixState) -> None:
-    """The backbone's forward with a prefix state, positions counted as `PrefixMixture.forward` does."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    kwargs: dict[str, Any] = {STATE_KWARG: state}
-    if mixture._takes_position_ids:
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    mixture.backbone(input_ids=ids, attention_mask=mask, **kwargs)
+    mixture.run_backbone(state, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 @torch.no_grad()

@@ -41,9 +41,7 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-def routing_summary(
-    weights: torch.Tensor, indices: torch.Tensor, num_experts: int
-) -> dict[str, torch.Tensor]:
+def routing_summary(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
     """Mean per-example routing entropy (nats) and each expert's share of routing slots."""
     w = weights.float().clamp_min(1e-12)
     entropy = -(weights.float() * w.log()).sum(-1).mean()
@@ -63,9 +61,7 @@ class TaskModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes, average="macro")
         self.val_loss = MeanMetric()
-        self.group_acc = torch.nn.ModuleList(
-            MulticlassAccuracy(num_classes, average="micro") for _ in self.group_names
-        )
+        self.group_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.group_names)
         self.rows: list[dict] = []
 
     @property
@@ -160,7 +156,7 @@ class TaskModule(L.LightningModule):
             for i, v in enumerate(summary["load"]):
                 metrics[f"val/load/e{i}"] = v
             collapse = detect_collapse(summary["load"].numpy())
-            if collapse:
+            if collapse and self.num_experts > 1:
                 warnings.warn(
                     f"routing collapse: expert {collapse.expert} takes {collapse.share:.0%} of the load; "
                     "raise prefix.balance_coef or prefix.router_noise",
@@ -173,9 +169,7 @@ class TaskModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         head = [p for n, p in self.network.named_parameters() if p.requires_grad and n.startswith("head.")]
-        rest = [
-            p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")
-        ]
+        rest = [p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")]
         groups = [{"params": rest, "lr": o.lr}]
         if head:
             groups.append({"params": head, "lr": o.head_lr or o.lr})
@@ -312,7 +306,13 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     ckpt_path = _latest_checkpoint(ckpt_dir) if resume else None
     if ckpt_path:
         _set_aside_logs(run_dir / "logs")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except SystemExit:  # Lightning exits after Ctrl-C, once OnExceptionCheckpoint has saved
+        if (ckpt_dir / "interrupted.ckpt").is_file():
+            print(f"interrupted; checkpoint saved. Continue with: python scripts/fit.py --resume {run_dir}")
+            raise SystemExit(130) from None
+        raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Under DDP, process 0 alone evaluates and writes the run directory; the others are done.
         torch.distributed.barrier()
@@ -364,9 +364,7 @@ def _latest_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
-def evaluate_module(
-    module: TaskModule, data: ClassificationData, cfg: RunConfig, loader=None
-) -> dict[str, float]:
+def evaluate_module(module: TaskModule, data: ClassificationData, cfg: RunConfig, loader=None) -> dict[str, float]:
     """One validation pass on a fresh single-device Trainer; returns the logged metrics as floats."""
     trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),

@@ -11,8 +11,12 @@ def _checkpoint():
         "epoch": 2,
         "global_step": 17,
         "state_dict": {"network.body.bank.kv": torch.randn(2, 3)},
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
-                              "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0]}]}],
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+                "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0]}],
+            }
+        ],
         "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 3}}}, "flag": None, "x": float("inf")},
     }
 

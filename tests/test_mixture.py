@@ -36,9 +36,7 @@ def test_dynamic_length_equals_static_prefix_truncated():
         with torch.no_grad():
             _, st = static.prepare(ids[i : i + 1], mask[i : i + 1])
             st.kv = st.kv[..., :n, :]
-            expected = static.backbone(
-                input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **{STATE_KWARG: st}
-            )
+            expected = static.backbone(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **{STATE_KWARG: st})
         assert (out[i] - expected.logits[0]).abs().max().item() <= 1e-5
 
 
@@ -52,9 +50,7 @@ def test_soft_length_mask_is_differentiable_in_training():
 
 
 @pytest.mark.parametrize("combine", ["blend", "concat"])
-@pytest.mark.parametrize(
-    "name,pad_side", [("bert", "right"), ("gpt2", "left"), ("llama", "left"), ("llama", "right")]
-)
+@pytest.mark.parametrize("name,pad_side", [("bert", "right"), ("gpt2", "left"), ("llama", "left"), ("llama", "right")])
 def test_batch_equals_each_example_alone(name, pad_side, combine):
     ids, mask = batch(b=4, pad_side=pad_side)
     cfg = PrefixConfig(num_experts=4, prefix_len=3, top_k=2, combine=combine, init_std=0.5)
@@ -107,9 +103,7 @@ def test_generate_with_routed_prefix_equals_stepwise_greedy_without_cache():
     mixture = attach(tiny_llama(), cfg).eval()
     _spread_router(mixture)
     new = 5
-    generated = mixture.generate(
-        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None
-    )
+    generated = mixture.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
     for i in range(ids.shape[0]):
         real = mask[i].bool()
         seq = ids[i : i + 1, real]
@@ -124,9 +118,7 @@ def test_generate_with_routed_prefix_equals_stepwise_greedy_without_cache():
 def test_generate_with_beams_runs():
     ids, mask = batch(b=2, t=5, pad_side="left")
     mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1)).eval()
-    out = mixture.generate(
-        ids, attention_mask=mask, max_new_tokens=3, num_beams=3, do_sample=False, eos_token_id=None
-    )
+    out = mixture.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=3, do_sample=False, eos_token_id=None)
     assert out.shape == (2, 8)
 
 
@@ -139,15 +131,11 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(name):
         cfg = PrefixConfig(num_experts=3, prefix_len=4, top_k=2, combine="concat", router_noise=0.0)
         mixture = attach(FAMILIES[name](), cfg)
         if checkpointing:
-            mixture.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            mixture.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mixture.train()
         out = mixture(input_ids=ids, attention_mask=mask, labels=labels)
         (out.loss + out.routing.aux_loss).backward()
-        results.append(
-            (out.loss.detach(), mixture.bank.kv.grad.clone(), mixture.router.proj.weight.grad.clone())
-        )
+        results.append((out.loss.detach(), mixture.bank.kv.grad.clone(), mixture.router.proj.weight.grad.clone()))
     (l0, b0, r0), (l1, b1, r1) = results
     assert abs(l0 - l1) <= 1e-5
     assert (b0 - b1).abs().max() <= 1e-5 and (r0 - r1).abs().max() <= 1e-5
@@ -173,7 +161,7 @@ def test_init_from_text_uses_real_token_keys():
     assert not torch.equal(bank[0], bank[1])
     state = PrefixState(kv=None, capture={})
     with torch.no_grad():
-        mixture.backbone(input_ids=ids, attention_mask=mask, **{STATE_KWARG: state})
+        mixture.run_backbone(state, input_ids=ids, attention_mask=mask)
     keys = state.capture[1][0]  # layer 1 keys (b h t d)
     real_keys = keys.transpose(1, 2)[mask.bool()]  # (n h d)
     for e in range(2):
@@ -184,9 +172,7 @@ def test_init_from_text_uses_real_token_keys():
 
 @pytest.mark.parametrize("router_input", ["hidden", "group"])
 def test_router_inputs(router_input):
-    cfg = PrefixConfig(
-        num_experts=2, prefix_len=3, top_k=1, router_input=router_input, num_groups=3, router_layer=1
-    )
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_input=router_input, num_groups=3, router_layer=1)
     mixture = attach(tiny_bert(), cfg).eval()
     ids, mask = batch()
     groups = torch.tensor([0, 2, 1])
@@ -198,12 +184,8 @@ def test_router_inputs(router_input):
 def test_decoupled_prefix_starts_as_the_backbone_and_trains():
     ids, mask = batch(pad_side="left")
     with torch.no_grad():
-        expected = tiny_llama()(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)
-        )
-    mixture = attach(
-        tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1, prefix_mode="decoupled")
-    )
+        expected = tiny_llama()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1, prefix_mode="decoupled"))
     out = mixture(input_ids=ids, attention_mask=mask, labels=ids)
     assert (out.logits - expected.logits)[mask.bool()].abs().max() <= 1e-6
     out.loss.backward()

@@ -92,16 +92,32 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tiny_backb
     """gloo on CPU: 2 x batch 8 gives the weights of 1 x batch 16 (load balance over the global batch)."""
     from safetensors.torch import load_file
 
-    extra = {"prefix.num_experts": 3, "prefix.top_k": 2, "prefix.router_noise": 0, "trainer.max_steps": 5,
-             "optim.schedule": "constant"}
-    single = _fit_process(tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "one", **extra,
-                                             **{"data.batch_size": 16}))
+    extra = {
+        "prefix.num_experts": 3,
+        "prefix.top_k": 2,
+        "prefix.router_noise": 0,
+        "trainer.max_steps": 5,
+        "optim.schedule": "constant",
+    }
+    single = _fit_process(
+        tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "one", **extra, **{"data.batch_size": 16})
+    )
     assert single.wait(timeout=300) == 0, single.stdout.read()
-    ddp = _fit_process(tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "two", **extra, **{
-        "data.batch_size": 8, "trainer.strategy": "ddp", "trainer.devices": 2}))
+    ddp = _fit_process(
+        tiny_run_overrides(
+            tiny_backbone_dir,
+            reviews_csv,
+            tmp_path / "two",
+            **extra,
+            **{"data.batch_size": 8, "trainer.strategy": "ddp", "trainer.devices": 2},
+        )
+    )
     out = ddp.communicate(timeout=300)[0]
     assert ddp.returncode == 0, out
-    one, two = load_file(str(tmp_path / "one/adapter.safetensors")), load_file(str(tmp_path / "two/adapter.safetensors"))
+    one, two = (
+        load_file(str(tmp_path / "one/adapter.safetensors")),
+        load_file(str(tmp_path / "two/adapter.safetensors")),
+    )
     for key in one:
         assert (one[key] - two[key]).abs().max() <= 1e-4, key
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())
