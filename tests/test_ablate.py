@@ -1,0 +1,90 @@
+"""Sweep runner: resumable after a kill, summaries with intervals and paired tests; baselines train."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_run_overrides
+
+from moe_prefix.ablate import Sweep, plan, summarise, sweep_from_grid
+from moe_prefix.run_config import ConfigError, load_config
+from moe_prefix.training import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_summary_of_known_results(tmp_path):
+    sweep = Sweep(None, {"ref": [], "better": ["prefix.top_k=1"]}, seeds=[0, 1, 2, 3], reference="ref")
+    for run in plan(sweep, tmp_path):
+        run.run_dir.mkdir(parents=True)
+        acc = 0.8 + 0.01 * run.seed + (0.05 if run.arm == "better" else 0.0)
+        metrics = {"val/acc": acc, "trainable_params": 10, "train_time_s": 1.0}
+        (run.run_dir / "metrics.json").write_text(json.dumps(metrics))
+    summary = summarise(sweep, tmp_path)
+    rows = {line.split(",")[0]: line.split(",") for line in (tmp_path / "summary.csv").read_text().splitlines()}
+    assert float(rows["better"][5]) == pytest.approx(0.05)  # diff vs reference
+    # Every seed improves: the exact sign-flip test gives 2 / 2^4 = 0.125 two-sided.
+    assert float(rows["better"][6]) == pytest.approx(0.125)
+    assert float(rows["ref"][2]) == pytest.approx(0.815)
+    assert "| better | 4 |" in summary.read_text()
+    assert (tmp_path / "summary.png").is_file()
+
+
+def test_bad_arm_fails_before_any_run():
+    with pytest.raises(ConfigError, match="arm 'prefix.top_k=9'"):
+        sweep_from_grid(None, ["prefix.top_k=1,9"], [0], [])
+
+
+def test_killed_sweep_restarts_without_redoing_finished_runs(tiny_backbone_dir, reviews_csv, tmp_path):
+    budget = [o for o in tiny_run_overrides(tiny_backbone_dir, reviews_csv, "unused") if not o.startswith("run_dir")]
+    budget = [o for o in budget if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=30"]
+    args = [
+        sys.executable,
+        "scripts/ablate.py",
+        "--sweep",
+        "prefix.top_k=1,2",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--set",
+        *budget,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    first = tmp_path / "sweep" / "prefix.top_k=1" / "seed0" / "metrics.json"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its current fit
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    second = tmp_path / "sweep" / "prefix.top_k=2" / "seed0" / "metrics.json"
+    assert not second.exists()
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 already done, 1 to go" in again.stdout
+    assert first.stat().st_mtime_ns == stamp and second.exists()
+    assert "| prefix.top_k=2 | 1 |" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["linear_probe", "prompt", "lora", "full"])
+def test_baselines_train_through_the_same_fit(tiny_backbone_dir, reviews_csv, tmp_path, method):
+    cfg = load_config(
+        None,
+        tiny_run_overrides(
+            tiny_backbone_dir, reviews_csv, tmp_path / method, **{"model.method": method, "trainer.max_steps": 4}
+        ),
+    )
+    metrics = fit(cfg).metrics
+    assert "val/acc" in metrics and metrics["trainable_params"] > 0
+    if method == "linear_probe":
+        assert metrics["trainable_params"] == 32 * 2 + 2
