@@ -163,3 +163,31 @@ def test_state_is_batch_expanded_for_beams():
         ).logits
     assert torch.allclose(doubled[::2], single, atol=1e-6)
     assert isinstance(state, PrefixState)
+
+
+def test_decoupled_prefix_matches_its_formula_on_one_layer():
+    """Prefix-Tuning+ style: attn(inputs) + sum_e w_e * gate_h * softmax(q K_e^T / sqrt(d)) V_e."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    cfg = PrefixConfig(num_experts=3, prefix_len=2, top_k=2, prefix_mode="decoupled", init_std=1.0)
+    mixture = attach(model, cfg).eval()
+    torch.nn.init.normal_(mixture.router.proj.weight, std=1.0)
+    with torch.no_grad():
+        mixture.gate.normal_()
+    ids, mask = batch(pad_side="right")
+    attn, hidden, q, k, v = _bert_layer0_inputs(model, ids, mask)
+    with torch.no_grad():
+        routing, state = mixture.prepare(ids, mask)
+        mask4d = mask.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        out = attn(hidden, attention_mask=mask4d, **{STATE_KWARG: state})[0]
+        base = _manual_attention(q, k, v, torch.zeros(()), mask.bool(), attn.scaling)
+        bank = mixture.bank.tensor()[:, 0].double()  # (e c h p d), layer 0
+        extra = torch.zeros_like(base)
+        for e in range(3):
+            scores = torch.einsum("bhqd,hpd->bhqp", q.double(), bank[e, 0]) * attn.scaling
+            term = torch.einsum("bhqp,hpd->bhqd", scores.softmax(-1), bank[e, 1])
+            w = routing.weights[:, e].double()[:, None, None, None]
+            extra += w * mixture.gate[0].double()[None, :, None, None] * term
+        expected = rearrange(base + extra, "b h t d -> b t (h d)")
+    assert (routing.weights > 0).sum(-1).eq(2).all()  # sparse: unchosen experts contribute nothing
+    assert (out - expected).abs().max().item() <= 1e-5
