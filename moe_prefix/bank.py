@@ -64,18 +64,23 @@ class PrefixBank(nn.Module):
             raise ValueError("cannot set bank tensors while reparameterised; fold() first")
         self.kv.copy_(kv.to(self.kv))
 
-    def blend(self, weights: Tensor, indices: Tensor) -> Tensor:
-        """Weighted sum of the chosen banks: weights, indices (b k) -> (b l c h p d)."""
-        if indices.shape[1] == self.cfg.num_experts and self.cfg.routing == "soft":
-            # Dense routing uses every bank: contract over e without materialising a per-example gather.
-            dense = torch.zeros(
-                weights.shape[0], self.cfg.num_experts, device=weights.device, dtype=weights.dtype
-            )
-            dense.scatter_(1, indices, weights)
-            return torch.einsum("be,elchpd->blchpd", dense.to(self.tensor().dtype), self.tensor())
-        chosen = self.tensor()[indices]  # (b k l c h p d)
+    def _kept(self, keep: int | None) -> Tensor:
+        """The bank cut to its first `keep` positions before anything per-example is built."""
+        bank = self.tensor()
+        return bank if keep is None or keep >= bank.shape[-2] else bank[..., :keep, :]
+
+    def blend(self, weights: Tensor, indices: Tensor, keep: int | None = None) -> Tensor:
+        """Weighted sum of the chosen banks: weights, indices (b k) -> (b l c h p d), p = keep or P."""
+        bank = self._kept(keep)
+        if self.cfg.num_experts <= 2 * indices.shape[1]:
+            # Few banks: one (b e) x (e n) matmul. No (b k n) gather, and its backward is one matmul
+            # instead of an index_put into a zero-filled (e n) gradient.
+            dense = torch.zeros(weights.shape[0], self.cfg.num_experts, device=weights.device, dtype=bank.dtype)
+            dense.scatter_(1, indices, weights.to(bank.dtype))
+            return torch.einsum("be,elchpd->blchpd", dense, bank)
+        chosen = bank[indices]  # (b k l c h p d)
         return torch.einsum("bk,bklchpd->blchpd", weights.to(chosen.dtype), chosen)
 
-    def gather(self, indices: Tensor) -> Tensor:
-        """The chosen banks side by side: indices (b k) -> (b k l c h p d)."""
-        return self.tensor()[indices]
+    def gather(self, indices: Tensor, keep: int | None = None) -> Tensor:
+        """The chosen banks side by side: indices (b k) -> (b k l c h p d), p = keep or P."""
+        return self._kept(keep)[indices]

@@ -49,6 +49,17 @@ class PrefixState:
     probe_blocks: int | None = None  # when set, record prefix attention mass split into this many blocks
     probes: dict[int, Tensor] = field(default_factory=dict)  # layer -> (b h blocks) mean mass over queries
     capture: dict[int, tuple[Tensor, Tensor]] | None = None  # layer -> input keys, values (b h t d)
+    _layers: list[tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Prefix keys and values of layer i, (b h p d) each.
+
+        Split once with unbind: its backward stacks every layer's gradient into one buffer, where
+        indexing kv[:, i] in each layer zero-fills a full (b l c h p d) gradient per layer (L^2 traffic).
+        """
+        if self._layers is None:
+            self._layers = [tuple(kv.unbind(1)) for kv in self.kv.unbind(1)]
+        return self._layers[i]
 
 
 def _expand_batch(x: Tensor | None, b: int) -> Tensor | None:
@@ -158,16 +169,16 @@ def _make_attention(inner):
         if state.kv is None or state.kv.shape[-2] == 0:
             out, weights = inner(module, query, key, value, attention_mask, **kwargs)
             return (out if decoupled is None else out + decoupled.to(out.dtype)), weights
-        kv = _expand_batch(state.kv[:, layer], b)  # (b c h p d)
+        prefix_key, prefix_value = (_expand_batch(x, b) for x in state.layer(layer))  # (b h p d)
         bias = _expand_batch(state.bias, b)
-        p = kv.shape[-2]
+        p = prefix_key.shape[-2]
         if attention_mask is None:
             attention_mask = _full_bool_mask(module, q, t, b, query.device)
             if attention_mask is None and bias is not None:
                 attention_mask = torch.ones(b, 1, q, t, dtype=torch.bool, device=query.device)
         mask = _extended_mask(attention_mask, bias, b, q, p, query.dtype)
-        key = torch.cat([kv[:, 0].to(key.dtype), key], dim=2)
-        value = torch.cat([kv[:, 1].to(value.dtype), value], dim=2)
+        key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
+        value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
         if state.probe_blocks:
             _record_probe(state, layer, module, query, key, mask, scaling)
         # The causal structure now lives in the explicit mask: prefix columns are visible to every query.

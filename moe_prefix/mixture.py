@@ -128,11 +128,11 @@ class PrefixMixture(nn.Module):
                 kv=None, decoupled=route.weights, decoupled_kv=self.bank.tensor(), decoupled_gate=self.gate
             )
         elif cfg.combine == "blend":
-            kv = self.bank.blend(route.topk_weights, route.indices)[..., : length.keep, :]
+            kv = self.bank.blend(route.topk_weights, route.indices, keep=length.keep)
             bias = None if length.log_mask is None else length.log_mask[:, 0]  # one blended prefix per input
             state = PrefixState(kv=kv, bias=bias)
         else:
-            kv = self.bank.gather(route.indices)[..., : length.keep, :]
+            kv = self.bank.gather(route.indices, keep=length.keep)
             kv = rearrange(kv, "b k l c h p d -> b l c h (k p) d")
             # log w_j on bank j's positions: exp(score + log w_j) = w_j exp(score), a gate inside attention.
             bias = route.topk_log_weights[:, :, None].expand(-1, -1, length.keep)

@@ -302,6 +302,8 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
         timer,
     ]
     trainer = _trainer(cfg, run_dir, callbacks, _loggers(run_dir))
+    # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers); Lightning warns.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # An explicit path: given None, Lightning would look for a "last" checkpoint by itself.
     ckpt_path = _latest_checkpoint(ckpt_dir) if resume else None
     if ckpt_path:
