@@ -47,7 +47,11 @@ def test_config_error_from_a_real_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "scripts/fit.py", "--config", "configs/moe4.yaml", "prefix.combine=stack"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: prefix.combine='stack' is not one of blend, concat"
@@ -64,7 +68,11 @@ def _csv(path, text):
     [
         (None, {}, "is neither a built-in dataset (vader_domains, e2e_nlg) nor an existing file"),
         ("", {}, "data file is empty"),
-        ("review,rating,site\ngood movie,pos,cinema\n", {}, "no column 'stars' (columns present: review, rating, site)"),
+        (
+            "review,rating,site\ngood movie,pos,cinema\n",
+            {},
+            "no column 'stars' (columns present: review, rating, site)",
+        ),
         ("review,stars,site\ngood movie,,cinema\nbad plot,neg,cinema\n", {}, "stars"),
     ],
 )
