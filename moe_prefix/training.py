@@ -197,6 +197,14 @@ class TaskModule(L.LightningModule):
         check_compatible(checkpoint["state_dict"], expected, saved_model, self.cfg.model.backbone)
 
 
+class _InterruptCheckpoint(OnExceptionCheckpoint):
+    """Save on Ctrl-C or a crash, but never a state that just produced a non-finite loss."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, NonFiniteLossError):
+            super().on_exception(trainer, pl_module, exception)
+
+
 class _Timer(Callback):
     """Wall time of training proper (excludes loading and the final evaluation)."""
 
@@ -298,7 +306,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
             save_top_k=1,
             monitor=None,
         ),
-        OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="interrupted"),
+        _InterruptCheckpoint(dirpath=str(ckpt_dir), filename="interrupted"),
         timer,
     ]
     trainer = _trainer(cfg, run_dir, callbacks, _loggers(run_dir))

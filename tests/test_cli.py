@@ -119,3 +119,21 @@ def test_evaluate_on_validation_split_and_on_a_file(tiny_backbone_dir, reviews_c
     other = write_reviews_csv(tmp_path / "other.csv", n=30, seed=5)
     assert evaluate_script.main([str(run), "--data", str(other)]) == 0
     assert (run / "eval-other.json").is_file()
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
+    tiny_backbone_dir, reviews_csv, tmp_path, capsys, monkeypatch
+):
+    from moe_prefix import training
+
+    original = training.TaskModule.model_step
+
+    def poisoned(self, batch):
+        losses, out = original(self, batch)
+        return (losses * float("nan") if self.training and self.global_step >= 6 else losses), out
+
+    monkeypatch.setattr(training.TaskModule, "model_step", poisoned)
+    run = tmp_path / "run"
+    argv = tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 20})
+    assert_clean_failure(*run_fit(argv, capsys), "non-finite loss nan at step 6")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step=4.ckpt"]
