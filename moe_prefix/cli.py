@@ -40,6 +40,14 @@ def load_run_config(run_dir: str | Path):
     return config_from_dict(OmegaConf.to_container(OmegaConf.load(path)))
 
 
+SHOWN_METRICS = ("val/loss", "val/f1", "val/bleu", "val/rougeL")
+
+
+def _shown(key: str) -> bool:
+    """The metrics the scripts print (all of them go to the run directory)."""
+    return key.startswith("val/acc") or key in SHOWN_METRICS
+
+
 def fit_command(config: str | None, overrides: list[str], resume: str | None) -> int:
     if resume:
         if config:
@@ -54,9 +62,7 @@ def fit_command(config: str | None, overrides: list[str], resume: str | None) ->
     result = fit(cfg, resume=bool(resume))
     if not result.metrics:  # a non-zero DDP process: process 0 reports
         return 0
-    shown = {
-        k: v for k, v in result.metrics.items() if k.startswith("val/acc") or k in ("val/loss", "val/f1")
-    }
+    shown = {k: v for k, v in result.metrics.items() if _shown(k)}
     for key, value in sorted(shown.items()):
         print(f"{key}: {value:.4f}")
     print(
@@ -67,14 +73,21 @@ def fit_command(config: str | None, overrides: list[str], resume: str | None) ->
     return 0
 
 
-def evaluate_command(run_dir: str, data_file: str | None) -> int:
-    """Evaluate a saved run on its validation split, or on another file with the same columns."""
+def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = False) -> int:
+    """Evaluate a saved run on its validation split, or on another file with the same columns.
+
+    no_prefix (generation runs): score the bare backbone on the run's split and prompts instead.
+    """
     import json
 
     from . import data as data_io
     from .training import TaskModule, evaluate_module, load_network
 
     cfg = load_run_config(run_dir)
+    if cfg.model.task == "generation":
+        return _evaluate_generation_command(run_dir, data_file, no_prefix)
+    if no_prefix:
+        raise ConfigError("--no-prefix applies to generation runs only (a classifier needs its trained head)")
     cfg, data, network = load_network(run_dir, cfg)
     module = TaskModule(network, cfg, data.num_classes, data.group_names)
     loader, name = None, "val"
@@ -90,4 +103,19 @@ def evaluate_command(run_dir: str, data_file: str | None) -> int:
         if key.startswith("val/acc") or key in ("val/loss", "val/f1"):
             print(f"{key}: {value:.4f}")
     print(f"metrics written to {out}")
+    return 0
+
+
+def _evaluate_generation_command(run_dir: str, data_file: str | None, no_prefix: bool) -> int:
+    from .generation import evaluate_generation
+
+    if data_file:
+        raise ConfigError("--data is not supported for generation runs; they evaluate on their validation split")
+    metrics = evaluate_generation(run_dir, no_prefix=no_prefix)
+    for key, value in sorted(metrics.items()):
+        if _shown(key):
+            print(f"{key}: {value:.4f}")
+    name = "val-noprefix" if no_prefix else "val"
+    run = Path(run_dir)
+    print(f"metrics written to {run / f'eval-{name}.json'}, samples to {run / f'samples-{name}.jsonl'}")
     return 0

@@ -155,7 +155,8 @@ class TaskModule(L.LightningModule):
             metrics["val/prefix_len"] = torch.tensor([r["prefix_len"] for r in self.rows]).mean()
             for i, v in enumerate(summary["load"]):
                 metrics[f"val/load/e{i}"] = v
-            collapse = detect_collapse(summary["load"].numpy())
+            # On the mean routing weight: slot counts cannot exceed 1/k per expert, so they hide collapse.
+            collapse = detect_collapse(weights.float().mean(0).numpy())
             if collapse and self.num_experts > 1:
                 warnings.warn(
                     f"routing collapse: expert {collapse.expert} takes {collapse.share:.0%} of the load; "
@@ -177,6 +178,8 @@ class TaskModule(L.LightningModule):
         if o.schedule == "constant":
             return optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if total < 4:  # too short for a warm-up phase (OneCycleLR divides by its length)
+            return optimizer
         max_lrs = [g["lr"] for g in optimizer.param_groups]
         if o.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -44,7 +44,7 @@ def test_config_errors(argv, message, capsys):
 
 def test_config_error_from_a_real_process():
     """The same standard when run as a program (what a user sees in the terminal)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "scripts/fit.py", "--config", "configs/moe4.yaml", "prefix.combine=stack"],
         cwd=ROOT,

@@ -46,7 +46,12 @@ def test_fit_learns_the_generated_task(tiny_backbone_dir, reviews_csv, tmp_path)
 
 
 def _fit_process(args, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }  # tiny models: one thread
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts/fit.py"), *args],
         env=env,

@@ -1,0 +1,317 @@
+"""Generation on a tiny Llama: loss masking, decoding through the routed prefix, scores, fit end to end."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moe_prefix.generation import GenerationModule, build_generation, evaluate_generation, fit_generation
+from moe_prefix.generation import generation_scores as scores
+from moe_prefix.injection import STATE_KWARG
+from moe_prefix.run_config import load_config
+
+torch.set_num_threads(1)
+
+NAMES = ["alpha", "bravo", "cosmo", "delta", "echo", "foxtrot", "golf", "hotel"]
+FOODS = ["pasta", "sushi", "curry"]
+AREAS = ["north", "south"]
+WORDS = ["name", "food", "area", ":", ",", "serves", "in", "the", "a", "place", "is", ".", "located"]
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+EOS = 3
+
+
+def save_tiny_causal_lm(folder):
+    """A tiny Llama (grouped-query attention) and a word-level tokenizer, saved like a pretrained folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = SPECIALS + WORDS + NAMES + FOODS + AREAS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def write_descriptions_jsonl(path, seed=0):
+    """E2E-like rows {input, target}: 24 distinct inputs (some without an area) with 1-3 references each."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for name in NAMES:
+            for food in FOODS:
+                area = rng.choice([*AREAS, None])
+                source = f"name : {name} , food : {food}" + (f" , area : {area}" if area else "")
+                where = f" in the {area}" if area else ""
+                targets = [
+                    f"{name} serves {food}{where} .",
+                    f"{name} is a {food} place{where} .",
+                    f"{where} , {name} serves {food} ." if area else f"a {food} place is {name} .",
+                ][: rng.randint(1, 3)]
+                for target in targets:
+                    f.write(json.dumps({"mr": source, "ref": target.strip()}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def descriptions(tmp_path_factory):
+    return write_descriptions_jsonl(tmp_path_factory.mktemp("data") / "descriptions.jsonl")
+
+
+def overrides(backbone, source, run_dir, **extra):
+    values = {
+        "model.backbone": backbone,
+        "model.task": "generation",
+        "model.max_length": 32,
+        "data.source": source,
+        "data.text_column": "mr",
+        "data.label_column": "ref",
+        "data.group_column": None,
+        "data.prompt_format": "'{input} :'",  # quoted: YAML reads a bare {...} as a mapping
+        "data.batch_size": 8,
+        "data.eval_batch_size": 5,
+        "data.val_fraction": 0.25,
+        "prefix.num_experts": 3,
+        "prefix.prefix_len": 4,
+        "prefix.top_k": 2,
+        "prefix.init_std": 0.5,
+        "generation.max_new_tokens": 6,
+        "generation.num_samples_saved": 4,
+        "trainer.max_steps": 6,
+        "trainer.max_epochs": 50,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "trainer.limit_val_batches": 0,
+        "run_dir": run_dir,
+        "checkpoint_every_n_steps": 3,
+        "optim.lr": 0.05,
+        **extra,
+    }
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def _spread_router(network, std=3.0):
+    """Large router weights, so that inputs of one batch pick different banks."""
+    g = torch.Generator().manual_seed(0)
+    proj = network.mixture.router.proj.weight
+    with torch.no_grad():
+        proj.copy_(torch.randn(proj.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_lm_dir, descriptions, tmp_path_factory):
+    cfg = load_config(None, overrides(tiny_lm_dir, descriptions, tmp_path_factory.mktemp("unused")))
+    tokenizer, data, network = build_generation(cfg)
+    _spread_router(network)
+    network.eval()
+    return cfg, tokenizer, data, network
+
+
+def test_split_is_by_input_and_pairs_cover_every_reference(built):
+    _, _, data, _ = built
+    train_inputs = {r["input"] for r in data.train_examples}
+    val_inputs = {r["input"] for r in data.val_examples}
+    assert len(train_inputs) + len(val_inputs) == 24 and not train_inputs & val_inputs
+    assert len(data.train_set) == sum(len(r["targets"]) for r in data.train_examples)
+    assert len(data.val_pairs) == sum(len(r["targets"]) for r in data.val_examples)
+    assert len(data.val_prompts) == len(data.val_examples) == 6
+
+
+def test_jsonl_rows_group_by_input_and_a_missing_column_is_named(descriptions, tmp_path):
+    from moe_prefix.data import DataError
+    from moe_prefix.generation import load_records
+
+    records = load_records(str(descriptions), "mr", "ref")
+    assert len(records) == 24 and len({r["input"] for r in records}) == 24
+    assert sum(len(r["targets"]) for r in records) == len(descriptions.read_text().splitlines())
+    with pytest.raises(DataError, match="no column 'target'.*set data.label_column"):
+        load_records(str(descriptions), "mr", "target")
+
+
+def test_labels_mask_exactly_prompt_and_padding(built):
+    _, tokenizer, data, _ = built
+    items = data.train_set[:8]
+    batch = data._collate(items)
+    for i, item in enumerate(items):
+        record = data.train_examples[item.index]
+        prompt = tokenizer(f"{record['input']} :")["input_ids"]
+        n, p = len(item.input_ids), len(prompt)
+        assert item.input_ids[:p] == prompt and item.input_ids[-1] == EOS
+        assert batch["labels"][i, :p].eq(-100).all()
+        assert torch.equal(batch["labels"][i, p:n], batch["input_ids"][i, p:n])
+        assert batch["labels"][i, n:].eq(-100).all() and batch["attention_mask"][i, n:].eq(0).all()
+        # the router sees the prompt alone
+        assert batch["router_input_ids"][i, :p].tolist() == prompt
+        assert batch["router_attention_mask"][i].sum() == p
+    assert len({len(x.input_ids) for x in items}) > 1, "the batch should need padding"
+
+
+def test_loss_is_the_mean_over_target_tokens_of_each_example_alone(built):
+    cfg, tokenizer, data, network = built
+    module = GenerationModule(network, cfg, tokenizer)
+    batch = data._collate(data.train_set[:6])
+    with torch.no_grad():
+        losses, _ = module.model_step(batch)
+    expected = []
+    for i in range(6):
+        real = batch["attention_mask"][i].bool()
+        ids, labels = batch["input_ids"][i : i + 1, real], batch["labels"][i : i + 1, real]
+        p = int(batch["router_attention_mask"][i].sum())
+        with torch.no_grad():
+            _, state = network.mixture.prepare(ids[:, :p], torch.ones_like(ids[:, :p]))
+            logits = network.mixture.backbone(input_ids=ids, **{STATE_KWARG: state}).logits
+        expected.append(torch.nn.functional.cross_entropy(logits[0, p - 1 : -1], labels[0, p:], reduction="none"))
+    assert torch.allclose(losses, torch.cat(expected), atol=1e-5)
+
+
+def _greedy_alone(network, prompt: list[int], max_new: int) -> list[int]:
+    """Step-by-step greedy decoding without a cache, prefix routed from the prompt."""
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        _, state = network.mixture.prepare(seq, torch.ones_like(seq))
+        new = []
+        for _ in range(max_new):
+            logits = network.mixture.backbone(input_ids=seq, use_cache=False, **{STATE_KWARG: state}).logits
+            token = int(logits[0, -1].argmax())
+            if token == EOS:
+                break
+            new.append(token)
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    return new
+
+
+def test_decoding_equals_stepwise_greedy_and_each_example_alone(built):
+    cfg, tokenizer, data, network = built
+    module = GenerationModule(network, cfg, tokenizer)
+    batch = next(iter(data.generation_loader(data.val_prompts, data.val_examples)))
+    assert batch["attention_mask"][:, 0].eq(0).any(), "the batch should be left-padded"
+    tokens = module.generate_tokens(batch["input_ids"], batch["attention_mask"])
+    routing = network.mixture.last_routing
+    assert len({tuple(r) for r in routing.indices.tolist()}) > 1, "inputs should pick different experts"
+    assert any(tokens), "nothing was generated"
+    for i, item in enumerate(data.val_prompts[: len(tokens)]):
+        assert tokens[i] == _greedy_alone(network, item.input_ids, cfg.generation.max_new_tokens)
+        alone = torch.tensor([item.input_ids])
+        assert module.generate_tokens(alone, torch.ones_like(alone)) == [tokens[i]]
+
+
+def test_beam_search_decodes(built):
+    cfg, tokenizer, data, network = built
+    cfg = load_config(None, [*overrides(cfg.model.backbone, cfg.data.source, "x"), "generation.num_beams=3"])
+    module = GenerationModule(network, cfg, tokenizer)
+    batch = next(iter(data.generation_loader(data.val_prompts, data.val_examples)))
+    tokens = module.generate_tokens(batch["input_ids"], batch["attention_mask"])
+    assert len(tokens) == batch["input_ids"].shape[0]
+    assert all(len(t) <= cfg.generation.max_new_tokens for t in tokens)
+
+
+def test_scores_on_hand_made_examples():
+    assert scores(["the cat sat on the mat ."], [["the cat sat on the mat ."]]) == {"bleu": 100.0, "rougeL": 100.0}
+    # a matching reference among others scores 100
+    refs = [["a dog ran", "the cat sat on the mat .", "something else"]]
+    assert scores(["the cat sat on the mat ."], refs)["bleu"] == pytest.approx(100.0)
+    # every n-gram matches, but the closest reference has 6 tokens: brevity penalty exp(1 - 6/5)
+    got = scores(["a b c d e"], [["a b c d e f", "a b c d e f g h"]])
+    assert got["bleu"] == pytest.approx(100 * torch.e ** (1 - 6 / 5), abs=1e-3)
+    # ROUGE-L: LCS "cat is here" = 3 of 4 tokens both ways, F = 0.75; the best reference counts
+    assert scores(["the cat is here"], [["a cat is here", "dog"]])["rougeL"] == pytest.approx(75.0)
+    # LCS "a c" of "a b c" and "a c d e": P = 2/3, R = 2/4, F = 2PR / (P + R) = 4/7
+    assert scores(["a b c"], [["a c d e"]])["rougeL"] == pytest.approx(100 * 4 / 7, abs=1e-3)
+    assert scores(["x y z"], [["a b c"]]) == {"bleu": 0.0, "rougeL": 0.0}
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_lm_dir, descriptions, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fit") / "run"
+    return fit_generation(load_config(None, overrides(tiny_lm_dir, descriptions, run_dir, **{"prefix.init": "tokens"})))
+
+
+def test_fit_generation_writes_the_run_directory(fitted_run):
+    run = fitted_run.run_dir
+    for name in ("config.yaml", "metrics.json", "adapter.safetensors", "routing.csv", "samples.jsonl"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/bleu", "val/rougeL", "val/loss", "val/router_entropy", "val/load/e0"} <= set(metrics)
+    assert 0 <= metrics["val/bleu"] <= 100 and 0 <= metrics["val/rougeL"] <= 100
+    assert sum(metrics[f"val/weight/e{i}"] for i in range(3)) == pytest.approx(1.0, abs=1e-5)
+    assert metrics["steps"] == 6
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(set(s) == {"id", "prediction", "references"} for s in samples)
+    rows = (run / "routing.csv").read_text().strip().splitlines()
+    assert rows[0] == "id,input_len,loss,new_tokens,prefix_len,experts,w0,w1,w2"
+    assert len(rows) - 1 == 6
+    # the same run evaluated again reproduces its metrics; the bare backbone is scored on the same inputs
+    again = evaluate_generation(run)
+    assert again["val/bleu"] == pytest.approx(metrics["val/bleu"])
+    assert again["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+    bare = evaluate_generation(run, no_prefix=True)
+    assert {"val/bleu", "val/rougeL", "val/loss"} <= set(bare) and "val/router_entropy" not in bare
+    assert bare["val/loss"] != pytest.approx(metrics["val/loss"])
+    bare_samples = [json.loads(line) for line in (run / "samples-val-noprefix.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in bare_samples] == [s["id"] for s in samples]
+
+
+def test_evaluate_script_scores_the_bare_backbone(fitted_run, capsys):
+    import inspect
+    import sys
+    from pathlib import Path
+
+    from moe_prefix.cli import evaluate_command
+
+    if "no_prefix" not in inspect.signature(evaluate_command).parameters:
+        pytest.skip("scripts/evaluate.py --no-prefix is not wired to evaluate_generation yet")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import evaluate as evaluate_script
+
+    assert evaluate_script.main([str(fitted_run.run_dir), "--no-prefix"]) == 0
+    out = capsys.readouterr().out
+    assert "val/bleu:" in out and "val/rougeL:" in out and "eval-val-noprefix.json" in out
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_lm_dir, descriptions, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    steps_run = []
+    original = GenerationModule.training_step
+
+    def counted(self, batch, batch_idx):
+        steps_run.append(self.global_step)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GenerationModule, "training_step", counted)
+
+    def run(run_dir, steps, resume=False):
+        steps_run.clear()
+        extra = {"optim.schedule": "constant", "trainer.max_steps": steps, "checkpoint_every_n_steps": 2}
+        cfg = load_config(None, overrides(tiny_lm_dir, descriptions, run_dir, **extra))
+        return load_file(str(fit_generation(cfg, resume=resume).run_dir / "adapter.safetensors"))
+
+    straight = run(tmp_path / "straight", 7)
+    run(tmp_path / "resumed", 3)  # stops mid-epoch (5 batches per epoch), like a killed run
+    resumed = run(tmp_path / "resumed", 7, resume=True)
+    # Its last checkpoint holds step 2 (one every 2 steps): the resumed run redoes step 2, nothing before.
+    assert steps_run == [2, 3, 4, 5, 6]
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
