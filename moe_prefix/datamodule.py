@@ -107,8 +107,8 @@ class ClassificationData(L.LightningDataModule):
             train, val = examples, read(d.val_source)
         else:
             train, val = data_io.train_val_split(examples, d.val_fraction, d.split_seed)
-        train = _subsample(train, d.max_train_examples, d.split_seed)
-        val = _subsample(val, d.max_val_examples, d.split_seed)
+        train = subsample(train, d.max_train_examples, d.split_seed)
+        val = subsample(val, d.max_val_examples, d.split_seed)
         data_io.check_labels(train, val)
         self.train_examples, self.val_examples = train, val
         self.label_vocab = data_io.build_label_vocab(train)
@@ -189,7 +189,8 @@ class ClassificationData(L.LightningDataModule):
         )
 
 
-def _subsample(items: list, n: int | None, seed: int) -> list:
+def subsample(items: list, n: int | None, seed: int) -> list:
+    """A seeded subset of n items in their original order (all of them when n is None or too large)."""
     if n is None or n >= len(items):
         return items
     keep = sorted(random.Random(seed).sample(range(len(items)), n))

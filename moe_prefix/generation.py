@@ -37,7 +37,7 @@ from torchmetrics import MeanMetric
 from . import assets
 from . import data as data_io
 from .checkpointing import check_compatible
-from .datamodule import ClassificationData, Encoded, _subsample, load_tokenizer, pad_batch
+from .datamodule import ClassificationData, Encoded, load_tokenizer, pad_batch, subsample
 from .networks import CausalLM, trainable_state_dict
 from .routing_stats import detect_collapse
 from .run_config import ConfigError, RunConfig, check_sources, config_from_dict, save_config, to_dict
@@ -152,8 +152,8 @@ class GenerationData(L.LightningDataModule):
         else:
             train, val = data_io.split_by_input(records, d.val_fraction, d.split_seed)
         # max_*_examples count inputs, so a subsample keeps every reference of what it keeps
-        self.train_examples = _subsample(train, d.max_train_examples, d.split_seed)
-        self.val_examples = _subsample(val, d.max_val_examples, d.split_seed)
+        self.train_examples = subsample(train, d.max_train_examples, d.split_seed)
+        self.val_examples = subsample(val, d.max_val_examples, d.split_seed)
         # Targets of one line: decoding ends at the first line break, for every model alike.
         self.single_line = not any("\n" in t for r in self.train_examples for t in r["targets"])
         self.train_set = self.encode_pairs(self.train_examples)

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .datamodule import _subsample
+from .datamodule import subsample
 from .geometry import effective_rank, linear_cka, mahalanobis_distance, mean_cosine_to_reference, principal_angles
 from .injection import PrefixState
 
@@ -48,7 +48,7 @@ def validation_batches(data, max_examples: int | None = None, seed: int = 0):
     A random subset rather than the first examples: splits are often ordered by group, and the first N
     examples may all come from one domain.
     """
-    return data.eval_loader(_subsample(data.val_set, max_examples, seed))
+    return data.eval_loader(subsample(data.val_set, max_examples, seed))
 
 
 def _limited(batches: Iterable[Mapping[str, Tensor]], max_examples: int | None, progress: bool, desc: str):
