@@ -29,7 +29,6 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -40,7 +39,7 @@ from .checkpointing import check_compatible
 from .datamodule import ClassificationData, Encoded, load_tokenizer, pad_batch, subsample
 from .networks import CausalLM, trainable_state_dict
 from .routing_stats import detect_collapse
-from .run_config import ConfigError, RunConfig, check_sources, config_from_dict, save_config, to_dict
+from .run_config import ConfigError, RunConfig, check_sources, config_from_dict, to_dict
 from .training import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -49,17 +48,11 @@ from .training import (
     FitResult,
     TaskModule,
     _init_from_training_text,
-    _latest_checkpoint,
-    _loggers,
-    _merge_logs,
     _saved_backbone,
-    _set_aside_logs,
-    _Timer,
-    _trainer,
-    count_parameters,
-    default_run_dir,
     evaluate_module,
     routing_summary,
+    start_run,
+    train_module,
 )
 
 SAMPLES_FILE = "samples.jsonl"
@@ -411,55 +404,23 @@ def build_generation(cfg: RunConfig, prefix: bool = True):
 
 def fit_generation(cfg: RunConfig, resume: bool = False) -> FitResult:
     """Train one generation run and write its run directory (see `training.fit`)."""
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    if not resume and any((run_dir / "checkpoints").glob("*.ckpt")):
-        raise ConfigError(
-            f"run directory {run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
-            "or choose another run_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    L.seed_everything(cfg.seed, verbose=False)
+    cfg, run_dir = start_run(cfg, resume)
     tokenizer, data, network = build_generation(cfg)
     if cfg.prefix.init == "tokens" and network.mixture is not None and not resume:
         _init_from_training_text(network, data, n=INIT_SEQUENCES)
     module = GenerationModule(network, cfg, tokenizer, data.single_line)
-    ckpt_dir = run_dir / "checkpoints"
-    timer = _Timer()
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=str(ckpt_dir),
-            filename="{step}",
-            every_n_train_steps=cfg.checkpoint_every_n_steps,
-            save_last=True,
-            save_top_k=1,
-            monitor=None,
-        ),
-        OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="interrupted"),
-        timer,
-    ]
-    trainer = _trainer(cfg, run_dir, callbacks, _loggers(run_dir))
-    # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers); Lightning warns.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    ckpt_path = _latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt_path:
-        _set_aside_logs(run_dir / "logs")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    _merge_logs(run_dir / "logs")
-    metrics = evaluate_module(module, data, cfg)
-    metrics["trainable_params"] = count_parameters(network)
-    metrics["train_time_s"] = round(getattr(timer, "seconds", float("nan")), 1)
-    metrics["steps"] = trainer.global_step
-    if trainer.is_global_zero:
-        save_file(
-            {k: v.contiguous() for k, v in trainable_state_dict(network).items()},
-            str(run_dir / WEIGHTS_FILE),
-            metadata={"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))},
-        )
-        (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        write_samples(run_dir / SAMPLES_FILE, module.rows, cfg.generation.num_samples_saved)
-        write_routing_table(run_dir / ROUTING_FILE, module.rows, cfg.prefix.num_experts)
+    stats = train_module(cfg, run_dir, module, data, resume)
+    if stats is None:
+        return FitResult(run_dir, {})
+    metrics = {**evaluate_module(module, data, cfg), **stats}
+    save_file(
+        {k: v.contiguous() for k, v in trainable_state_dict(network).items()},
+        str(run_dir / WEIGHTS_FILE),
+        metadata={"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))},
+    )
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_samples(run_dir / SAMPLES_FILE, module.rows, cfg.generation.num_samples_saved)
+    write_routing_table(run_dir / ROUTING_FILE, module.rows, cfg.prefix.num_experts)
     return FitResult(run_dir, metrics)
 
 

@@ -278,12 +278,8 @@ def _loggers(run_dir: Path):
     return loggers
 
 
-def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
-    """Train one run and write its run directory; with resume, continue from its last checkpoint."""
-    if cfg.model.task == "generation":
-        from .generation import fit_generation
-
-        return fit_generation(cfg, resume)
+def start_run(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
+    """Create (or reopen) the run directory, save the resolved config, seed everything."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     if not resume and any((run_dir / "checkpoints").glob("*.ckpt")):
@@ -294,11 +290,12 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_FILE)
     L.seed_everything(cfg.seed, verbose=False)
-    _, data, network = build(cfg)
+    return cfg, run_dir
+
+
+def train_module(cfg: RunConfig, run_dir: Path, module: L.LightningModule, data, resume: bool) -> dict | None:
+    """Lightning's fit with checkpoints, logs and resume; the run statistics, or None off process 0."""
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.prefix.init == "tokens" and network.mixture is not None and not resume:
-        _init_from_training_text(network, data)
-    module = TaskModule(network, cfg, data.num_classes, data.group_names)
     timer = _Timer()
     callbacks = [
         ModelCheckpoint(
@@ -331,12 +328,30 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
-        return FitResult(run_dir, {})
+        return None
     _merge_logs(run_dir / "logs")
-    metrics = evaluate_module(module, data, cfg)
-    metrics["trainable_params"] = count_parameters(network)
-    metrics["train_time_s"] = round(getattr(timer, "seconds", float("nan")), 1)
-    metrics["steps"] = trainer.global_step
+    return {
+        "trainable_params": count_parameters(module.network),
+        "train_time_s": round(getattr(timer, "seconds", float("nan")), 1),
+        "steps": trainer.global_step,
+    }
+
+
+def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
+    """Train one run and write its run directory; with resume, continue from its last checkpoint."""
+    if cfg.model.task == "generation":
+        from .generation import fit_generation
+
+        return fit_generation(cfg, resume)
+    cfg, run_dir = start_run(cfg, resume)
+    _, data, network = build(cfg)
+    if cfg.prefix.init == "tokens" and network.mixture is not None and not resume:
+        _init_from_training_text(network, data)
+    module = TaskModule(network, cfg, data.num_classes, data.group_names)
+    stats = train_module(cfg, run_dir, module, data, resume)
+    if stats is None:
+        return FitResult(run_dir, {})
+    metrics = {**evaluate_module(module, data, cfg), **stats}
     write_run(run_dir, network, cfg, module, data, metrics)
     return FitResult(run_dir, metrics)
 
