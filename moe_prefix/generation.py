@@ -20,7 +20,6 @@ Axes: b - batch, t - tokens, v - vocabulary, e - experts.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import warnings
@@ -29,9 +28,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric
 
 from . import assets
 from . import data as data_io
@@ -39,20 +37,21 @@ from .checkpointing import check_compatible
 from .datamodule import ClassificationData, Encoded, load_tokenizer, pad_batch, subsample
 from .networks import CausalLM, trainable_state_dict
 from .routing_stats import detect_collapse
-from .run_config import ConfigError, RunConfig, check_sources, config_from_dict, to_dict
+from .run_config import ConfigError, RunConfig, check_sources, config_from_dict
 from .training import (
     CONFIG_FILE,
-    METRICS_FILE,
     ROUTING_FILE,
     WEIGHTS_FILE,
     FitResult,
-    TaskModule,
+    PrefixTrainingModule,
     _init_from_training_text,
     _saved_backbone,
     evaluate_module,
     routing_summary,
     start_run,
     train_module,
+    write_per_example_table,
+    write_weights_and_metrics,
 )
 
 SAMPLES_FILE = "samples.jsonl"
@@ -254,26 +253,14 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses, labels != -100
 
 
-class GenerationModule(L.LightningModule):
-    """A causal LM with any method; logs like TaskModule, validates by loss and by decoding."""
+class GenerationModule(PrefixTrainingModule):
+    """A causal LM with any method; trains like TaskModule, validates by loss and by decoding."""
 
     def __init__(self, network: CausalLM, cfg: RunConfig, tokenizer, single_line: bool = True):
-        super().__init__()
-        self.network, self.cfg, self.tokenizer = network, cfg, tokenizer
+        super().__init__(network, cfg)  # self.rows: one per decoded input
+        self.tokenizer = tokenizer
         self.single_line = single_line  # cut predictions at the first line break
-        self.strict_loading = False  # checkpoints hold the trainable tensors only
-        self.val_loss = MeanMetric()
-        self.rows: list[dict] = []  # one per decoded input
         self.input_losses: dict[int, list[float]] = {}  # input index -> loss of each reference
-
-    # Shared with classification: per-step seeds, the logged training statistics, the optimiser and
-    # schedule, and checkpoints that keep only trainable tensors.
-    num_experts = TaskModule.num_experts
-    on_train_batch_start = TaskModule.on_train_batch_start
-    training_step = TaskModule.training_step
-    configure_optimizers = TaskModule.configure_optimizers
-    on_save_checkpoint = TaskModule.on_save_checkpoint
-    on_load_checkpoint = TaskModule.on_load_checkpoint
 
     def forward_pairs(self, batch):
         """Losses (b t-1) and scored-token mask of a pair batch, and the network output."""
@@ -413,12 +400,7 @@ def fit_generation(cfg: RunConfig, resume: bool = False) -> FitResult:
     if stats is None:
         return FitResult(run_dir, {})
     metrics = {**evaluate_module(module, data, cfg), **stats}
-    save_file(
-        {k: v.contiguous() for k, v in trainable_state_dict(network).items()},
-        str(run_dir / WEIGHTS_FILE),
-        metadata={"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))},
-    )
-    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_weights_and_metrics(run_dir, network, cfg, metrics)
     write_samples(run_dir / SAMPLES_FILE, module.rows, cfg.generation.num_samples_saved)
     write_routing_table(run_dir / ROUTING_FILE, module.rows, cfg.prefix.num_experts)
     return FitResult(run_dir, metrics)
@@ -433,20 +415,12 @@ def write_samples(path: Path, rows: list[dict], n: int) -> None:
 
 
 def write_routing_table(path: Path, rows: list[dict], num_experts: int) -> None:
-    """One row per validation input: id, prompt tokens, mean reference loss, and its routing if any."""
-    routed = bool(rows) and "weights" in rows[0]
-    header = ["id", "input_len", "loss", "new_tokens"]
-    if routed:
-        header += ["prefix_len", "experts"] + [f"w{i}" for i in range(num_experts)]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in sorted(rows, key=lambda r: r["index"]):
-            line = [row["id"], row["input_len"], f"{row['loss']:.6f}", row["new_tokens"]]
-            if routed:
-                line += [f"{row['prefix_len']:.3f}", " ".join(map(str, row["experts"]))]
-                line += [f"{w:.6f}" for w in row["weights"]]
-            writer.writerow(line)
+    """One row per validation input: id, prompt tokens, mean reference loss, new tokens, routing."""
+
+    def cells(row):
+        return [row["id"], row["input_len"], f"{row['loss']:.6f}", row["new_tokens"]]
+
+    write_per_example_table(path, rows, num_experts, ["id", "input_len", "loss", "new_tokens"], cells)
 
 
 def evaluate_generation(run_dir: str | Path, no_prefix: bool = False) -> dict[str, float]:

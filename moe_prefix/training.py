@@ -49,19 +49,16 @@ def routing_summary(weights: torch.Tensor, indices: torch.Tensor, num_experts: i
     return {"entropy": entropy, "load": load}
 
 
-class TaskModule(L.LightningModule):
-    """Sequence classification with any method; logs task, auxiliary and routing statistics."""
+class PrefixTrainingModule(L.LightningModule):
+    """What every task shares: per-step seeds, logged routing statistics, the optimiser and schedule,
+    and checkpoints that hold only trainable tensors. Subclasses define `model_step` and validation."""
 
-    def __init__(self, network: SequenceClassifier, cfg: RunConfig, num_classes: int, group_names: list[str]):
+    def __init__(self, network, cfg: RunConfig):
         super().__init__()
         self.network, self.cfg = network, cfg
-        self.group_names = list(group_names)
         # The frozen backbone is left out of checkpoints, so loading them must not require it.
         self.strict_loading = False
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
         self.val_loss = MeanMetric()
-        self.group_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.group_names)
         self.rows: list[dict] = []
 
     @property
@@ -69,9 +66,8 @@ class TaskModule(L.LightningModule):
         return self.cfg.prefix.num_experts
 
     def model_step(self, batch):
-        out = self.network(batch["input_ids"], batch["attention_mask"], batch["group_ids"])
-        losses = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
-        return losses, out
+        """Per-example losses (b) and the network output for a batch."""
+        raise NotImplementedError
 
     def on_train_batch_start(self, batch, batch_idx):
         # Randomness (dropout, router noise) is a function of the step alone, so a resumed run
@@ -107,6 +103,54 @@ class TaskModule(L.LightningModule):
                 "Lower optim.lr or check the data."
             )
         return total
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        head = [p for n, p in self.network.named_parameters() if p.requires_grad and n.startswith("head.")]
+        rest = [p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        groups = [{"params": rest, "lr": o.lr}]
+        if head:
+            groups.append({"params": head, "lr": o.head_lr or o.lr})
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
+        if o.schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if total < 4:  # too short for a warm-up phase (OneCycleLR divides by its length)
+            return optimizer
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        if o.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=max_lrs, total_steps=total, pct_start=o.warmup_fraction
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {f"network.{k}" for k in trainable_state_dict(self.network)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["moe_prefix"] = {"backbone": self.cfg.model.backbone, "method": self.cfg.model.method}
+
+    def on_load_checkpoint(self, checkpoint):
+        expected = {f"network.{k}": v for k, v in trainable_state_dict(self.network).items()}
+        saved_model = checkpoint.get("moe_prefix", {}).get("backbone", "unknown")
+        check_compatible(checkpoint["state_dict"], expected, saved_model, self.cfg.model.backbone)
+
+
+class TaskModule(PrefixTrainingModule):
+    """Sequence classification with any method; logs task, auxiliary and routing statistics."""
+
+    def __init__(self, network: SequenceClassifier, cfg: RunConfig, num_classes: int, group_names: list[str]):
+        super().__init__(network, cfg)
+        self.group_names = list(group_names)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.group_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.group_names)
+
+    def model_step(self, batch):
+        out = self.network(batch["input_ids"], batch["attention_mask"], batch["group_ids"])
+        losses = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+        return losses, out
 
     def on_validation_epoch_start(self):
         self.rows = []
@@ -166,38 +210,6 @@ class TaskModule(L.LightningModule):
         self.log_dict(metrics)
         for m in (self.val_loss, self.val_acc, self.val_f1):
             m.reset()
-
-    def configure_optimizers(self):
-        o = self.cfg.optim
-        head = [p for n, p in self.network.named_parameters() if p.requires_grad and n.startswith("head.")]
-        rest = [p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        groups = [{"params": rest, "lr": o.lr}]
-        if head:
-            groups.append({"params": head, "lr": o.head_lr or o.lr})
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
-        if o.schedule == "constant":
-            return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        if total < 4:  # too short for a warm-up phase (OneCycleLR divides by its length)
-            return optimizer
-        max_lrs = [g["lr"] for g in optimizer.param_groups]
-        if o.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=max_lrs, total_steps=total, pct_start=o.warmup_fraction
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint):
-        trainable = {f"network.{k}" for k in trainable_state_dict(self.network)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["moe_prefix"] = {"backbone": self.cfg.model.backbone, "method": self.cfg.model.method}
-
-    def on_load_checkpoint(self, checkpoint):
-        expected = {f"network.{k}": v for k, v in trainable_state_dict(self.network).items()}
-        saved_model = checkpoint.get("moe_prefix", {}).get("backbone", "unknown")
-        check_compatible(checkpoint["state_dict"], expected, saved_model, self.cfg.model.backbone)
 
 
 class _InterruptCheckpoint(OnExceptionCheckpoint):
@@ -409,36 +421,42 @@ def evaluate_module(module: TaskModule, data: ClassificationData, cfg: RunConfig
 
 def write_run(run_dir: Path, network, cfg: RunConfig, module: TaskModule, data: ClassificationData, metrics):
     """The run directory's result files: weights, metrics, per-example routing table."""
+    write_weights_and_metrics(run_dir, network, cfg, metrics)
+    write_routing_table(run_dir / ROUTING_FILE, module.rows, data.val_examples, cfg.prefix.num_experts)
+
+
+def write_weights_and_metrics(run_dir: Path, network, cfg: RunConfig, metrics: dict) -> None:
+    """adapter.safetensors (trainable tensors, with the backbone and config as metadata) and metrics.json."""
     weights = {k: v.contiguous() for k, v in trainable_state_dict(network).items()}
     meta = {"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))}
     save_file(weights, str(run_dir / WEIGHTS_FILE), metadata=meta)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_routing_table(run_dir / ROUTING_FILE, module.rows, data.val_examples, cfg.prefix.num_experts)
 
 
-def write_routing_table(path: Path, rows: list[dict], examples, num_experts: int) -> None:
-    """One row per validation example: id, group, label, prediction, loss, lengths, routing."""
+def write_per_example_table(path: Path, rows: list[dict], num_experts: int, columns: list[str], cells) -> None:
+    """A CSV of validation rows (sorted by index): the task's own columns, then the routing, if any."""
     routed = bool(rows) and "weights" in rows[0]
-    header = ["id", "group", "label", "prediction", "loss", "input_len"]
-    if routed:
-        header += ["prefix_len", "experts"] + [f"w{i}" for i in range(num_experts)]
+    header = columns + (["prefix_len", "experts"] + [f"w{i}" for i in range(num_experts)] if routed else [])
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in sorted(rows, key=lambda r: r["index"]):
-            ex = examples[row["index"]]
-            line = [
-                ex.id,
-                ex.group or "",
-                row["label"],
-                row["prediction"],
-                f"{row['loss']:.6f}",
-                row["input_len"],
-            ]
+            line = cells(row)
             if routed:
                 line += [f"{row['prefix_len']:.3f}", " ".join(map(str, row["experts"]))]
                 line += [f"{w:.6f}" for w in row["weights"]]
             writer.writerow(line)
+
+
+def write_routing_table(path: Path, rows: list[dict], examples, num_experts: int) -> None:
+    """One row per validation example: id, group, label, prediction, loss, input length, routing."""
+
+    def cells(row):
+        ex = examples[row["index"]]
+        return [ex.id, ex.group or "", row["label"], row["prediction"], f"{row['loss']:.6f}", row["input_len"]]
+
+    columns = ["id", "group", "label", "prediction", "loss", "input_len"]
+    write_per_example_table(path, rows, num_experts, columns, cells)
 
 
 def load_network(run_dir: str | Path, cfg: RunConfig | None = None):
