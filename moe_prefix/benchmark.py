@@ -377,17 +377,21 @@ def encoder_group(cfg: BenchConfig) -> Group:
 
     arms.append(Arm("frozen_forward", frozen_forward, tokens))
 
-    floor_head = copy.deepcopy(head0)
+    def floor_arm(dropout: bool):
+        """Forward + backward to inputs_embeds through the frozen model, with or without its dropout."""
+        head = copy.deepcopy(head0)
 
-    def floor():
-        backbone.train()
-        floor_head.zero_grad(set_to_none=True)
-        embeds = backbone.get_input_embeddings()(ids).detach().requires_grad_()
-        out = backbone(inputs_embeds=embeds, attention_mask=mask)
-        _pooled_loss(out.last_hidden_state, mask, floor_head, labels).backward()
+        def floor():
+            backbone.train(dropout)
+            head.zero_grad(set_to_none=True)
+            embeds = backbone.get_input_embeddings()(ids).detach().requires_grad_()
+            out = backbone(inputs_embeds=embeds, attention_mask=mask)
+            _pooled_loss(out.last_hidden_state, mask, head, labels).backward()
+
+        return floor
 
     # The floor of any prefix method: the backward must cross every frozen layer to reach layer 0's prefix.
-    arms.append(Arm("backward_floor", floor, tokens, info={"note": "forward + backward to inputs_embeds"}))
+    arms.append(Arm("backward_floor", floor_arm(True), tokens, info={"note": "forward + backward to inputs_embeds"}))
 
     def peft_probe(pm):
         pm(input_ids=ids[:2], attention_mask=mask[:2])
@@ -437,16 +441,7 @@ def encoder_group(cfg: BenchConfig) -> Group:
 
     # The same floor and step with the backbone's dropout off: in training mode dropout draws a mask
     # per attention matrix and moves SDPA off its fused CPU kernel, which raises the floor itself.
-    floor_nodrop_head = copy.deepcopy(head0)
-
-    def floor_nodrop():
-        backbone.eval()
-        floor_nodrop_head.zero_grad(set_to_none=True)
-        embeds = backbone.get_input_embeddings()(ids).detach().requires_grad_()
-        out = backbone(inputs_embeds=embeds, attention_mask=mask)
-        _pooled_loss(out.last_hidden_state, mask, floor_nodrop_head, labels).backward()
-
-    arms.append(Arm("backward_floor_nodrop", floor_nodrop, tokens, info={"note": "floor, backbone dropout off"}))
+    arms.append(Arm("backward_floor_nodrop", floor_arm(False), tokens, info={"note": "floor, backbone dropout off"}))
     arm, _ = mixture_arm("moe4_top2_blend_nodrop", prefix_configs(cfg)["moe4_top2_blend"], dropout=False)
     arms.append(arm)
 
