@@ -45,6 +45,11 @@ class _PrePassDone(Exception):
         self.hidden = hidden
 
 
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Position ids counting real tokens only, (b t) -> (b t): padding does not shift positions."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     """(b t m), (b t) -> (b m)."""
     if mask is None:
@@ -174,7 +179,7 @@ class PrefixMixture(nn.Module):
             and kwargs.get("cache") is None
             and self._takes_position_ids
         ):
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            kwargs["position_ids"] = positions_from_mask(attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs)
 
     @torch.no_grad()

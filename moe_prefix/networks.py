@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PrefixConfig
-from .mixture import MixtureRouting, attach
+from .mixture import MixtureRouting, attach, positions_from_mask
 from .run_config import ModelConfig
 
 
@@ -40,8 +40,7 @@ class SoftPrompt(nn.Module):
         b, n = embeds.shape[0], self.prompt.shape[0]
         embeds = torch.cat([self.prompt.expand(b, -1, -1).to(embeds.dtype), embeds], 1)
         mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], 1)
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
+        out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), **kwargs)
         return out, n
 
 
@@ -54,9 +53,7 @@ def _adapt(backbone: nn.Module, model_cfg: ModelConfig, prefix_cfg: PrefixConfig
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=model_cfg.lora_rank, lora_alpha=2 * model_cfg.lora_rank, target_modules="all-linear"
-        )
+        lora = LoraConfig(r=model_cfg.lora_rank, lora_alpha=2 * model_cfg.lora_rank, target_modules="all-linear")
         return get_peft_model(backbone, lora)
     return backbone
 
@@ -75,9 +72,7 @@ def _pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
 class SequenceClassifier(nn.Module):
     """Backbone (adapted) -> pooled last hidden state -> linear head."""
 
-    def __init__(
-        self, backbone: nn.Module, num_classes: int, model_cfg: ModelConfig, prefix_cfg: PrefixConfig
-    ):
+    def __init__(self, backbone: nn.Module, num_classes: int, model_cfg: ModelConfig, prefix_cfg: PrefixConfig):
         super().__init__()
         self.method = model_cfg.method
         self.pooling = model_cfg.pooling
@@ -92,9 +87,7 @@ class SequenceClassifier(nn.Module):
     def mixture(self):
         return self.body if self.method == "prefix" else None
 
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor | None = None
-    ) -> TaskOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, group_ids: Tensor | None = None) -> TaskOutput:
         routing = None
         if self.method == "prefix":
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, group_ids=group_ids)
@@ -103,7 +96,7 @@ class SequenceClassifier(nn.Module):
             out, n = self.prompt(self.body, input_ids, attention_mask)
             out.last_hidden_state = out.last_hidden_state[:, n:]
         else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            positions = positions_from_mask(attention_mask)
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
         pooled = _pool(out.last_hidden_state, attention_mask, self.pooling)
         return TaskOutput(self.head(pooled), routing)
@@ -123,25 +116,14 @@ class CausalLM(nn.Module):
     def mixture(self):
         return self.body if self.method == "prefix" else None
 
-    def forward(
-        self, input_ids, attention_mask, labels=None, router_input_ids=None, router_attention_mask=None
-    ):
+    def forward(self, input_ids, attention_mask, labels=None, router_input_ids=None, router_attention_mask=None):
         """router_* carry the prompt alone, so the router never sees the target."""
         if self.method == "prefix":
             routing, state = self.body.prepare(router_input_ids, router_attention_mask)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            out = self.body.backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                labels=labels,
-                position_ids=positions,
-                moe_prefix_state=state,
-            )
+            out = self.body.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return TaskOutput(out.logits, routing, out.loss)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.body(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=positions
-        )
+        positions = positions_from_mask(attention_mask)
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=positions)
         return TaskOutput(out.logits, None, out.loss)
 
     @torch.no_grad()
