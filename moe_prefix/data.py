@@ -82,9 +82,7 @@ def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int
     """Header columns and (line number, row) pairs of a delimited file."""
     # TSV files rarely quote, and a stray '"' at the start of a text would otherwise swallow lines
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(
-        io.StringIO(_read_nonempty(path), newline=""), delimiter=delimiter, quoting=quoting
-    )
+    reader = csv.DictReader(io.StringIO(_read_nonempty(path), newline=""), delimiter=delimiter, quoting=quoting)
     columns = list(reader.fieldnames or [])
 
     def rows() -> Iterator[tuple[int, dict]]:
@@ -93,9 +91,7 @@ def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int
                 if any(v not in (None, "") for v in row.values()):  # blank lines carry no example
                     yield reader.line_num, row
         except csv.Error as err:  # e.g. an unclosed quote running into a cell over the size limit
-            raise DataError(
-                f"{path}:{reader.line_num}: malformed {path.suffix[1:].upper()} ({err})"
-            ) from None
+            raise DataError(f"{path}:{reader.line_num}: malformed {path.suffix[1:].upper()} ({err})") from None
 
     return columns, rows()
 
@@ -284,10 +280,7 @@ def load_e2e(path: str | Path = "e2e_nlg") -> list[dict]:
         grouped.setdefault(example["input"], []).extend([target] if isinstance(target, str) else target)
     if not grouped:
         raise DataError(f"{path}: no examples")
-    return [
-        {"id": f"e2e-{i}", "input": inp, "targets": targets}
-        for i, (inp, targets) in enumerate(grouped.items())
-    ]
+    return [{"id": f"e2e-{i}", "input": inp, "targets": targets} for i, (inp, targets) in enumerate(grouped.items())]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -102,11 +102,7 @@ def eager_attention(module, query, key, value, mask, scaling=None, dropout=0.0, 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if mask is not None:
-        scores = (
-            scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            if mask.dtype == torch.bool
-            else scores + mask
-        )
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights

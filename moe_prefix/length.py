@@ -33,9 +33,7 @@ class LengthController(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.length == "learned":
-            self.head = nn.Sequential(
-                nn.LayerNorm(feature_dim, elementwise_affine=False), nn.Linear(feature_dim, 1)
-            )
+            self.head = nn.Sequential(nn.LayerNorm(feature_dim, elementwise_affine=False), nn.Linear(feature_dim, 1))
             nn.init.zeros_(self.head[1].weight)
             # Start near the full length: sigma(2) = 0.88 of the range, so training first learns what
             # the prefix should say and only then how much of it can go.

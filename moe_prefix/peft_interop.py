@@ -85,9 +85,7 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     if not path.is_file():
         found = sorted(p.name for p in folder.glob("adapter_model.*"))
         hint = f" (found {', '.join(found)}; re-save with save_pretrained(..., safe_serialization=True))"
-        raise FileNotFoundError(
-            f"{folder} has no {WEIGHTS_NAME}{hint if found else ''}; only safetensors is read"
-        )
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}{hint if found else ''}; only safetensors is read")
     return load_file(str(path))
 
 
@@ -166,9 +164,7 @@ def attach_peft_adapters(
     loaded = [load_peft_prefix(folder, dims) for folder in folders]
     lengths = {str(folder): kv.shape[-2] for folder, (kv, _) in zip(folders, loaded, strict=True)}
     if len(set(lengths.values())) > 1:
-        raise ValueError(
-            f"all adapters must share num_virtual_tokens to become experts of one bank: {lengths}"
-        )
+        raise ValueError(f"all adapters must share num_virtual_tokens to become experts of one bank: {lengths}")
     P = next(iter(lengths.values()))
     if cfg is None:
         cfg = PrefixConfig(**{"num_experts": len(folders), "prefix_len": P, "top_k": 1, **overrides})
@@ -205,9 +201,7 @@ def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Ten
     """The (l c h p d) prefix a fixed choice produces at evaluation, truncated to its hard length."""
     cfg = mixture.cfg
     if cfg.prefix_mode != "softmax":
-        raise ValueError(
-            "prefix_mode=decoupled adds its experts outside the softmax: no PEFT prefix equals it"
-        )
+        raise ValueError("prefix_mode=decoupled adds its experts outside the softmax: no PEFT prefix equals it")
     if cfg.length == "learned":
         raise ValueError("length=learned chooses a length per input: no single PEFT prefix equals it")
     if (expert is None) == (routing is None):
@@ -268,8 +262,7 @@ def export_peft_adapter(
     layers, _, heads, p, head_dim = kv.shape
     if mixture.cfg.train_modules:
         warnings.warn(
-            f"trained backbone modules {mixture.cfg.train_modules} are not exported; PEFT will load only the "
-            "prefix",
+            f"trained backbone modules {mixture.cfg.train_modules} are not exported; PEFT will load only the prefix",
             stacklevel=2,
         )
     backbone = mixture.backbone

@@ -117,9 +117,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    trainer: dict[str, Any] = field(
-        default_factory=_trainer_defaults
-    )  # keyword arguments of lightning.Trainer
+    trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # keyword arguments of lightning.Trainer
     seed: int = 0
     run_dir: str | None = None  # null: runs/<config name>-<time>
     name: str = "run"
@@ -145,9 +143,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return value is None
     if origin in (tuple, list):
         inner = typing.get_args(annotation)[:1]
-        return (
-            isinstance(value, (list, tuple)) and all(_type_ok(v, inner[0]) for v in value) if inner else True
-        )
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner[0]) for v in value) if inner else True
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
