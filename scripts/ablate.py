@@ -9,9 +9,9 @@ A killed sweep restarts where it stopped: finished runs are skipped, interrupted
 import argparse
 import sys
 
-from moe_prefix.ablate import load_sweep, run_sweep, sweep_from_grid
-from moe_prefix.cli import run_cli
-from moe_prefix.run_config import ConfigError
+from moe_prefix.tools.ablate import load_sweep, run_sweep, sweep_from_grid
+from moe_prefix.tools.cli import run_cli
+from moe_prefix.train.run_config import ConfigError
 
 
 def command(args) -> int:

@@ -6,11 +6,11 @@ Writes RUN_DIR/analysis/report.md with its figures and prints the report's path 
 import argparse
 import sys
 
-from moe_prefix.cli import run_cli
+from moe_prefix.tools.cli import run_cli
 
 
 def analyze(run_dir: str, max_examples: int | None) -> int:
-    from moe_prefix.report import analyze_run
+    from moe_prefix.analysis.report import analyze_run
 
     print(f"report written to {analyze_run(run_dir, max_examples=max_examples)}")
     return 0

@@ -14,7 +14,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moe_prefix.benchmark import BenchConfig, format_markdown, format_report, run  # noqa: E402
+from moe_prefix.tools.benchmark import BenchConfig, format_markdown, format_report, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from moe_prefix.cli import fit_command, run_cli
+from moe_prefix.tools.cli import fit_command, run_cli
 
 
 def main(argv=None) -> int:

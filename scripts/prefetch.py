@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_prefix import assets
+from moe_prefix.train import assets
 
 
 def main(argv: list[str] | None = None) -> None:

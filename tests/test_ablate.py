@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_run_overrides
 
-from moe_prefix.ablate import Sweep, plan, summarise, sweep_from_grid
-from moe_prefix.run_config import ConfigError, load_config
-from moe_prefix.training import fit
+from moe_prefix.tools.ablate import Sweep, plan, summarise, sweep_from_grid
+from moe_prefix.train.engine import fit
+from moe_prefix.train.run_config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_prefix import assets
-from moe_prefix.assets import Artefact, AssetError
+from moe_prefix.train import assets
+from moe_prefix.train.assets import Artefact, AssetError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -5,7 +5,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from moe_prefix.benchmark import TARGETS, Arm, BenchConfig, paired_ratio, peak_memory_mb, run, time_interleaved
+from moe_prefix.tools.benchmark import TARGETS, Arm, BenchConfig, paired_ratio, peak_memory_mb, run, time_interleaved
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 RATIOS = ("moe1_vs_peft", "moe4_top2_vs_peft", "e64_vs_e4", "step_vs_forward", "checkpoint_fraction")

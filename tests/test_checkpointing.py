@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_prefix.checkpointing import CheckpointError, check_compatible, load_checkpoint_file, save_checkpoint_file
+from moe_prefix.train.checkpointing import CheckpointError, check_compatible, load_checkpoint_file, save_checkpoint_file
 
 
 def _checkpoint():
@@ -46,7 +46,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # a kill in the middle of writing
 
-    monkeypatch.setattr("moe_prefix.checkpointing.save_file", crash)
+    monkeypatch.setattr("moe_prefix.train.checkpointing.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint_file(_checkpoint(), path)
     assert path.read_bytes() == before

@@ -124,7 +124,7 @@ def test_evaluate_on_validation_split_and_on_a_file(tiny_backbone_dir, reviews_c
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     tiny_backbone_dir, reviews_csv, tmp_path, capsys, monkeypatch
 ):
-    from moe_prefix import training
+    from moe_prefix.train import engine as training
 
     original = training.TaskModule.model_step
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_prefix import assets
-from moe_prefix.data import (
+from moe_prefix.train import assets
+from moe_prefix.train.data import (
     VADER_FILES,
     DataError,
     TextExample,

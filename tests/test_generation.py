@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moe_prefix.generation import GenerationModule, build_generation, evaluate_generation, fit_generation
-from moe_prefix.generation import generation_scores as scores
 from moe_prefix.injection import STATE_KWARG
-from moe_prefix.run_config import load_config
+from moe_prefix.train.generation import GenerationModule, build_generation, evaluate_generation, fit_generation
+from moe_prefix.train.generation import generation_scores as scores
+from moe_prefix.train.run_config import load_config
 
 torch.set_num_threads(1)
 
@@ -140,8 +140,8 @@ def test_split_is_by_input_and_pairs_cover_every_reference(built):
 
 
 def test_jsonl_rows_group_by_input_and_a_missing_column_is_named(descriptions, tmp_path):
-    from moe_prefix.data import DataError
-    from moe_prefix.generation import load_records
+    from moe_prefix.train.data import DataError
+    from moe_prefix.train.generation import load_records
 
     records = load_records(str(descriptions), "mr", "ref")
     assert len(records) == 24 and len({r["input"] for r in records}) == 24
@@ -278,7 +278,7 @@ def test_evaluate_script_scores_the_bare_backbone(fitted_run, capsys):
     import sys
     from pathlib import Path
 
-    from moe_prefix.cli import evaluate_command
+    from moe_prefix.tools.cli import evaluate_command
 
     if "no_prefix" not in inspect.signature(evaluate_command).parameters:
         pytest.skip("scripts/evaluate.py --no-prefix is not wired to evaluate_generation yet")

@@ -4,7 +4,7 @@ from scipy.linalg import subspace_angles
 from scipy.spatial.distance import mahalanobis
 from scipy.stats import ortho_group
 
-from moe_prefix.geometry import (
+from moe_prefix.analysis.geometry import (
     effective_rank,
     ledoit_wolf_shrinkage,
     linear_cka,

@@ -47,9 +47,7 @@ def test_fully_masked_prefix_in_attention_equals_backbone(name):
 def _peft_prefix(model, P):
     """A PEFT prefix-tuning model with random prefix, and its per-layer keys/values (l c h p d)."""
     peft = pytest.importorskip("peft")
-    peft_model = peft.get_peft_model(
-        model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-    )
+    peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     peft_model.eval()
     torch.manual_seed(1)
     with torch.no_grad():

@@ -150,9 +150,7 @@ def test_export_cuts_expert_lengths_and_keeps_the_position_convention(tmp_path):
                 group_ids=groups,
                 position_ids=peft_position_ids(ids, kept),
             ).logits
-            expected = peft.PeftModel.from_pretrained(tiny_llama(), folder).eval()(
-                input_ids=ids, attention_mask=mask
-            )
+            expected = peft.PeftModel.from_pretrained(tiny_llama(), folder).eval()(input_ids=ids, attention_mask=mask)
         assert real_diff(got, expected.logits, mask) <= 1e-5
 
 
@@ -167,9 +165,7 @@ def task_ids(task: int, n: int, seed: int, t: int = 16):
 
 def train_peft_adapter(task: int, P: int, folder, steps: int = 40):
     torch.manual_seed(10 + task)
-    model = peft.get_peft_model(
-        tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-    )
+    model = peft.get_peft_model(tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     for step in range(steps):

@@ -10,7 +10,7 @@ from conftest import batch, tiny_bert, tiny_llama
 from einops import rearrange
 
 from moe_prefix import PrefixConfig, attach
-from moe_prefix.probes import key_distance, mean_by_group, prefix_attention_mass, prefix_key_geometry
+from moe_prefix.analysis.probes import key_distance, mean_by_group, prefix_attention_mass, prefix_key_geometry
 
 torch.set_num_threads(1)
 

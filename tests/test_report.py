@@ -12,9 +12,9 @@ import torch
 from conftest import tiny_run_overrides, write_reviews_csv
 from nbclient import NotebookClient
 
-from moe_prefix.report import analyze_run
-from moe_prefix.run_config import load_config
-from moe_prefix.training import fit
+from moe_prefix.analysis.report import analyze_run
+from moe_prefix.train.engine import fit
+from moe_prefix.train.run_config import load_config
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from moe_prefix.routing_stats import (
+from moe_prefix.analysis.routing_stats import (
     adjusted_rand_index,
     contingency,
     detect_collapse,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe_prefix.run_config import ConfigError, load_config
+from moe_prefix.train.run_config import ConfigError, load_config
 
 
 def test_layers_merge_in_order(tmp_path):

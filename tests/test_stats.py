@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from moe_prefix.stats import (
+from moe_prefix.analysis.stats import (
     bootstrap_ci,
     cliffs_delta,
     cohens_d,
@@ -54,7 +54,7 @@ def test_bootstrap_ci_columnwise_matches_separate_calls_and_is_seeded():
 
 
 def test_bootstrap_ci_fills_every_resample_across_chunks(monkeypatch):
-    import moe_prefix.stats as stats_module
+    import moe_prefix.analysis.stats as stats_module
 
     values = np.arange(20.0)
     monkeypatch.setattr(stats_module, "_CHUNK_ELEMENTS", 7 * 20)  # 7 resamples per chunk

@@ -12,8 +12,8 @@ import pytest
 from conftest import tiny_run_overrides
 from safetensors import safe_open
 
-from moe_prefix.run_config import load_config
-from moe_prefix.training import fit
+from moe_prefix.train.engine import fit
+from moe_prefix.train.run_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

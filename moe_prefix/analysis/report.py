@@ -26,9 +26,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from moe_prefix.train.run_config import ConfigError
+
 from . import probes
 from .routing_stats import detect_collapse, expert_load, nmi_permutation_test, routing_entropy
-from .run_config import ConfigError
 from .stats import bootstrap_ci, cohens_d, spearman_with_ci
 
 __all__ = [
@@ -571,8 +572,8 @@ def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: b
     ``max_examples`` caps the validation examples run through the model for λ and the key distances
     (a seeded random subset; None: all); the routing statistics always use the whole routing.csv.
     """
-    from .cli import load_run_config
-    from .training import load_network
+    from moe_prefix.tools.cli import load_run_config
+    from moe_prefix.train.engine import load_network
 
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")

@@ -27,9 +27,10 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .datamodule import subsample
+from moe_prefix.injection import PrefixState
+from moe_prefix.train.datamodule import subsample
+
 from .geometry import effective_rank, linear_cka, mahalanobis_distance, mean_cosine_to_reference, principal_angles
-from .injection import PrefixState
 
 __all__ = [
     "BankGeometry",

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from moe_prefix.stats import _as_numpy
+from .stats import _as_numpy
 
 __all__ = [
     "effective_rank",

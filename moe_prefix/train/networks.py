@@ -14,8 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import PrefixConfig
-from .mixture import MixtureRouting, attach, positions_from_mask
+from moe_prefix.config import PrefixConfig
+from moe_prefix.mixture import MixtureRouting, attach, positions_from_mask
+
 from .run_config import ModelConfig
 
 

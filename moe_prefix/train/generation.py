@@ -31,14 +31,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from moe_prefix.analysis.routing_stats import detect_collapse
+
 from . import assets
 from . import data as data_io
 from .checkpointing import check_compatible
 from .datamodule import ClassificationData, Encoded, load_tokenizer, pad_batch, subsample
-from .networks import CausalLM, trainable_state_dict
-from .routing_stats import detect_collapse
-from .run_config import ConfigError, RunConfig, check_sources, config_from_dict
-from .training import (
+from .engine import (
     CONFIG_FILE,
     ROUTING_FILE,
     WEIGHTS_FILE,
@@ -53,6 +52,8 @@ from .training import (
     write_per_example_table,
     write_weights_and_metrics,
 )
+from .networks import CausalLM, trainable_state_dict
+from .run_config import ConfigError, RunConfig, check_sources, config_from_dict
 
 SAMPLES_FILE = "samples.jsonl"
 INIT_SEQUENCES = 32  # training sequences whose keys/values seed the banks (prefix.init=tokens)

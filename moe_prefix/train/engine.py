@@ -24,11 +24,12 @@ from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from moe_prefix.analysis.routing_stats import detect_collapse
+
 from . import assets
 from .checkpointing import SafetensorsCheckpointIO, check_compatible
 from .datamodule import ClassificationData, load_tokenizer
 from .networks import SequenceClassifier, trainable_state_dict
-from .routing_stats import detect_collapse
 from .run_config import ConfigError, RunConfig, check_sources, save_config, to_dict
 
 WEIGHTS_FILE = "adapter.safetensors"

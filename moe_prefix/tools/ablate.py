@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from .run_config import ConfigError, load_config
-from .stats import bootstrap_ci, cohens_d_paired, holm, paired_permutation_test
+from moe_prefix.analysis.stats import bootstrap_ci, cohens_d_paired, holm, paired_permutation_test
+from moe_prefix.train.run_config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .config import PrefixConfig
+from moe_prefix.config import PrefixConfig
 
 TASKS = ("classification", "generation")
 METHODS = ("prefix", "linear_probe", "prompt", "lora", "full")

@@ -5,17 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .run_config import ConfigError, config_from_dict, load_config
+from moe_prefix.train.run_config import ConfigError, config_from_dict, load_config
 
 EXIT_USAGE = 2
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input, reported in one line."""
-    from .assets import AssetError
-    from .checkpointing import CheckpointError
-    from .data import DataError
-    from .training import NonFiniteLossError
+    from moe_prefix.train.assets import AssetError
+    from moe_prefix.train.checkpointing import CheckpointError
+    from moe_prefix.train.data import DataError
+    from moe_prefix.train.engine import NonFiniteLossError
 
     return (ConfigError, DataError, AssetError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
@@ -57,7 +57,7 @@ def fit_command(config: str | None, overrides: list[str], resume: str | None) ->
             raise ConfigError("--resume continues a run as configured; overrides are not accepted")
     else:
         cfg = load_config(config, overrides)
-    from .training import fit
+    from moe_prefix.train.engine import fit
 
     result = fit(cfg, resume=bool(resume))
     if not result.metrics:  # a non-zero DDP process: process 0 reports
@@ -80,8 +80,8 @@ def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = Fals
     """
     import json
 
-    from . import data as data_io
-    from .training import TaskModule, evaluate_module, load_network
+    from moe_prefix.train import data as data_io
+    from moe_prefix.train.engine import TaskModule, evaluate_module, load_network
 
     cfg = load_run_config(run_dir)
     if cfg.model.task == "generation":
@@ -107,7 +107,7 @@ def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = Fals
 
 
 def _evaluate_generation_command(run_dir: str, data_file: str | None, no_prefix: bool) -> int:
-    from .generation import evaluate_generation
+    from moe_prefix.train.generation import evaluate_generation
 
     if data_file:
         raise ConfigError("--data is not supported for generation runs; they evaluate on their validation split")

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import PrefixConfig
-from .mixture import PrefixMixture, attach
+from moe_prefix.config import PrefixConfig
+from moe_prefix.mixture import PrefixMixture, attach
 
 CLOCKS = ("wall", "cpu")
 TARGETS = {  # ratio -> the largest value that meets the target (checkpoint_fraction: strictly below)
@@ -190,7 +190,7 @@ def load_encoder(name: str) -> nn.Module:
             max_position_embeddings=256,
         )
         return BertModel(cfg)
-    from .assets import resolve_backbone
+    from moe_prefix.train.assets import resolve_backbone
 
     return AutoModel.from_pretrained(resolve_backbone(name))
 
@@ -221,7 +221,7 @@ def load_decoder(name: str) -> nn.Module:
         torch.manual_seed(0)
         cfg = LlamaConfig(**sizes[name], max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         return LlamaForCausalLM(cfg)
-    from .assets import resolve_backbone
+    from moe_prefix.train.assets import resolve_backbone
 
     return AutoModelForCausalLM.from_pretrained(resolve_backbone(name))
 

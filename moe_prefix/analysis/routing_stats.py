@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from moe_prefix.stats import Seed, _as_numpy, _chunks
+from .stats import Seed, _as_numpy, _chunks
 
 __all__ = [
     "RoutingEntropy",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from moe_prefix import assets
+from . import assets
 
 Label = str | int
 T = TypeVar("T")

@@ -1,0 +1,1 @@
+"""Analysis: statistics, routing statistics, bank geometry, attention probes and the run report."""

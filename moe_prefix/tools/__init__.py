@@ -1,0 +1,1 @@
+"""Tools on top of training and analysis: the command line, the ablation runner and the benchmark."""
