@@ -2,15 +2,17 @@
 
 from .config import BackboneDims, PrefixConfig
 from .mixture import MixtureRouting, PrefixMixture, attach
-from .router import RouterOutput, load_balance_loss, router_z_loss
+from .router import CollapseReport, RouterOutput, detect_collapse, load_balance_loss, router_z_loss
 
 __all__ = [
     "BackboneDims",
+    "CollapseReport",
     "MixtureRouting",
     "PrefixConfig",
     "PrefixMixture",
     "RouterOutput",
     "attach",
+    "detect_collapse",
     "load_balance_loss",
     "router_z_loss",
 ]

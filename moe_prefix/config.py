@@ -14,6 +14,7 @@ ROUTER_INPUTS = ("embeddings", "hidden", "group")
 LENGTH_MODES = ("fixed", "expert", "learned")
 INITS = ("random", "tokens")
 PREFIX_MODES = ("softmax", "decoupled")
+ATTENTION_PATHS = ("auto", "split", "joint")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -50,6 +51,8 @@ class PrefixConfig:
     init_std: float = 0.02
     prefix_mode: str = "softmax"  # softmax: prefix positions join the attention softmax (Li & Liang);
     # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
+    attention_path: str = "auto"  # auto: tokens on the fused kernel, merged by log-sum-exp, where that applies
+    # (else joint); split: that or an error; joint: one softmax over [prefix, tokens] (moe_prefix/injection.py)
     train_modules: tuple[str, ...] = field(default_factory=tuple)  # backbone parameter-name prefixes that train
     # (a freshly initialised task head such as "classifier" or "score")
 
@@ -60,6 +63,7 @@ class PrefixConfig:
         _choice("length", self.length, LENGTH_MODES)
         _choice("init", self.init, INITS)
         _choice("prefix_mode", self.prefix_mode, PREFIX_MODES)
+        _choice("attention_path", self.attention_path, ATTENTION_PATHS)
         if self.num_experts < 1:
             raise ValueError(f"prefix.num_experts must be >= 1, got {self.num_experts}")
         if self.prefix_len < 1:

@@ -145,6 +145,7 @@ class PrefixMixture(nn.Module):
                 bias = bias + length.log_mask
             state = PrefixState(kv=kv, bias=rearrange(bias, "b k p -> b (k p)"))
         state.query_mask = attention_mask
+        state.attention_path = cfg.attention_path
         routing = MixtureRouting(
             weights=route.weights,
             indices=route.indices,
@@ -227,7 +228,11 @@ class PrefixMixture(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def detach_backbone(self) -> nn.Module:
-        """Give the backbone back with its original attention implementation."""
+        """Give the backbone back with its original attention implementation, to use without the mixture.
+
+        The backbone then computes exactly what it did before `attach` (its parameters stay frozen); the
+        mixture no longer reaches attention, so attach again rather than calling it afterwards.
+        """
         injection.uninstall(self.backbone, self._previous_attn)
         return self.backbone
 

@@ -1,4 +1,5 @@
-"""Router: picks or blends prefix banks per input, plus the auxiliary losses that keep it healthy.
+"""Router: picks or blends prefix banks per input, plus the auxiliary losses that keep it healthy and a
+check that tells when they did not (one expert took the load).
 
 Axes: b - batch, m - feature width, e - experts, k - banks used per input.
 
@@ -9,7 +10,8 @@ banks, so they always sum to one.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -81,6 +83,34 @@ def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
         return z.mean()
     mask = mask.to(z.dtype)
     return (z * mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class CollapseReport:
+    """Whether one expert takes at least ``threshold`` of the load. Truthy when collapsed."""
+
+    collapsed: bool
+    expert: int  # the most loaded expert, collapsed or not
+    share: float  # its share of the load
+
+    def __bool__(self) -> bool:
+        return self.collapsed
+
+
+def detect_collapse(load: Any, threshold: float = 0.9) -> CollapseReport:
+    """Report whether a single expert takes at least ``threshold`` of ``load`` (e), fractions or counts.
+
+    ``load`` is a tensor, numpy array or list. The report is truthy when collapsed, so
+    ``if detect_collapse(load): warn(...)`` works; it also names the most loaded expert (``report.expert``,
+    which may be 0: test the report, not the index).
+    """
+    # float64 on CPU whatever the input: a bf16 share of 0.9 is not 0.9, and training and the report must agree.
+    lo = torch.as_tensor(load).detach().to("cpu", torch.float64)
+    if lo.ndim != 1 or lo.numel() == 0 or (lo < 0).any() or lo.sum() <= 0:
+        raise ValueError("load must be a non-empty 1-D array of non-negative values with positive sum")
+    share = lo / lo.sum()
+    top = int(share.argmax())
+    return CollapseReport(bool(share[top] >= threshold), top, float(share[top]))
 
 
 class Router(nn.Module):

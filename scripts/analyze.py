@@ -1,39 +1,16 @@
 """Analyse a finished run: python scripts/analyze.py RUN_DIR [--max-examples N].
 
-Writes RUN_DIR/analysis/report.md with its figures and prints the report's path last.
+Writes RUN_DIR/analysis/report.md with its figures and prints the report's path last. The same as
+`moe-prefix analyze` (moe_prefix/tools/cli.py), for a checkout without the installed command.
 """
 
-import argparse
 import sys
 
-from moe_prefix.tools.cli import run_cli
-
-
-def analyze(run_dir: str, max_examples: int | None) -> int:
-    from moe_prefix.analysis.report import analyze_run
-
-    print(f"report written to {analyze_run(run_dir, max_examples=max_examples)}")
-    return 0
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+from moe_prefix.tools.cli import main as cli_main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a run directory written by scripts/fit.py")
-    parser.add_argument(
-        "--max-examples",
-        type=_count,
-        default=512,
-        help="validation examples run through the model for λ and key distances (default 512; 0: all)",
-    )
-    args = parser.parse_args(argv)
-    return run_cli(analyze, args.run_dir, args.max_examples or None)
+    return cli_main(["analyze", *(sys.argv[1:] if argv is None else argv)], prog="python scripts/analyze.py")
 
 
 if __name__ == "__main__":

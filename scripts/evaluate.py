@@ -1,22 +1,15 @@
-"""Evaluate a finished run: python scripts/evaluate.py RUN_DIR [--data FILE] [--no-prefix]."""
+"""Evaluate a finished run: python scripts/evaluate.py RUN_DIR [--data FILE] [--no-prefix].
 
-import argparse
+The same as `moe-prefix evaluate` (moe_prefix/tools/cli.py), for a checkout without the installed command.
+"""
+
 import sys
 
-from moe_prefix.tools.cli import evaluate_command, run_cli
+from moe_prefix.tools.cli import main as cli_main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_dir", help="a run directory written by scripts/fit.py")
-    parser.add_argument("--data", help="a .csv/.tsv/.jsonl file with the run's columns (default: its validation split)")
-    parser.add_argument(
-        "--no-prefix",
-        action="store_true",
-        help="generation runs: score the bare backbone on the run's split and prompts (the zero-shot reference)",
-    )
-    args = parser.parse_args(argv)
-    return run_cli(evaluate_command, args.run_dir, args.data, args.no_prefix)
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)], prog="python scripts/evaluate.py")
 
 
 if __name__ == "__main__":

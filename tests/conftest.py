@@ -22,9 +22,10 @@ torch.set_num_threads(1)
 VOCAB = 97
 
 
-def tiny_bert() -> BertForSequenceClassification:
+def tiny_bert(**overrides) -> BertForSequenceClassification:
+    """overrides: BertConfig fields that differ from the tiny defaults (vocab_size, num_labels, ...)."""
     torch.manual_seed(0)
-    cfg = BertConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -35,12 +36,13 @@ def tiny_bert() -> BertForSequenceClassification:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(cfg).eval()
+    return BertForSequenceClassification(BertConfig(**(fields | overrides))).eval()
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
+def tiny_gpt2(**overrides) -> GPT2LMHeadModel:
+    """overrides: GPT2Config fields that differ from the tiny defaults."""
     torch.manual_seed(0)
-    cfg = GPT2Config(
+    fields = dict(
         vocab_size=VOCAB,
         n_embd=32,
         n_layer=2,
@@ -53,13 +55,13 @@ def tiny_gpt2() -> GPT2LMHeadModel:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    return GPT2LMHeadModel(cfg).eval()
+    return GPT2LMHeadModel(GPT2Config(**(fields | overrides))).eval()
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    """Grouped-query attention: 4 query heads share 2 key/value heads."""
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    """Grouped-query attention: 4 query heads share 2 key/value heads. overrides: LlamaConfig fields."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -71,7 +73,7 @@ def tiny_llama() -> LlamaForCausalLM:
         eos_token_id=2,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**(fields | overrides))).eval()
 
 
 FAMILIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -122,7 +124,7 @@ def tiny_backbone_dir(tmp_path_factory):
 
 def save_tiny_backbone(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
@@ -139,16 +141,9 @@ def save_tiny_backbone(folder):
         mask_token="[MASK]",
     )
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(folder)
+    # BERT's default dropout, as in a real pretrained folder: runs on it train with dropout on.
+    body = tiny_bert(vocab_size=len(vocab), hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).bert
+    body.save_pretrained(folder)
     return folder
 
 
@@ -193,6 +188,7 @@ def tiny_run_overrides(backbone_dir, csv_path, run_dir, **extra):
         "trainer.max_epochs": 50,
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
+        "trainer.log_every_n_steps": 1,  # runs shorter than Lightning's default interval of 20 steps
         "trainer.logger": None,
         "run_dir": run_dir,
         "checkpoint_every_n_steps": 4,

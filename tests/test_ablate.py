@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_run_overrides
 
-from moe_prefix.tools.ablate import Sweep, plan, summarise, sweep_from_grid
+from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
+from moe_prefix.train import run_dir as rd
 from moe_prefix.train.engine import fit
 from moe_prefix.train.run_config import ConfigError, load_config
 
@@ -66,6 +67,7 @@ def test_killed_sweep_restarts_without_redoing_finished_runs(tiny_backbone_dir, 
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its current fit
     proc.wait()
+    proc.stdout.close()
     stamp = first.stat().st_mtime_ns
     second = tmp_path / "sweep" / "prefix.top_k=2" / "seed0" / "metrics.json"
     assert not second.exists()
@@ -88,3 +90,56 @@ def test_baselines_train_through_the_same_fit(tiny_backbone_dir, reviews_csv, tm
     assert "val/acc" in metrics and metrics["trainable_params"] > 0
     if method == "linear_probe":
         assert metrics["trainable_params"] == 32 * 2 + 2
+
+
+def test_runs_start_the_installed_package_with_the_callers_environment(tmp_path, monkeypatch):
+    """No scripts/ of a checkout, no HF_HUB_OFFLINE forced on the children; checkpoints mean --resume."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    sweep = sweep_from_grid(None, ["prefix.top_k=1,2"], [0], [])
+    interrupted = plan(sweep, tmp_path)[1].run_dir
+    (interrupted / rd.CHECKPOINT_DIR).mkdir(parents=True)
+    (interrupted / rd.CHECKPOINT_DIR / "last.ckpt").touch()
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs.get("env")))
+        run_dir = cmd[-1] if "--resume" in cmd else next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1]
+        (Path(run_dir) / rd.METRICS_FILE).write_text(json.dumps({"val/acc": 0.5, "trainable_params": 1}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", fake_run)
+    run_sweep(sweep, tmp_path)
+    (fresh, fresh_env), (resumed, resumed_env) = calls
+    assert fresh[:4] == resumed[:4] == [sys.executable, "-m", "moe_prefix", "fit"]
+    assert resumed[4:] == ["--resume", str(interrupted)]
+    assert not any("scripts/" in a for a in fresh + resumed)
+    for env in (fresh_env, resumed_env):
+        assert "HF_HUB_OFFLINE" not in (os.environ if env is None else env)
+
+
+def _sweep_file(folder: Path, base: str) -> Path:
+    (folder / "configs" / "ablations").mkdir(parents=True)
+    (folder / "configs" / "base.yaml").write_text("seed: 7\n")
+    path = folder / "configs" / "ablations" / "sweep.yaml"
+    path.write_text(f"base: {base}\narms:\n  one: [prefix.top_k=1]\n")
+    return path
+
+
+def test_sweep_file_base_is_found_from_the_root_and_from_elsewhere(tmp_path, monkeypatch):
+    sweep_file = _sweep_file(tmp_path / "repo", "configs/base.yaml")
+    expected = (tmp_path / "repo" / "configs" / "base.yaml").resolve()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert load_sweep("configs/ablations/sweep.yaml").base == expected
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_sweep(sweep_file).base == expected
+    # --base on the command line is relative to the current directory only
+    with pytest.raises(ConfigError, match="base config not found: configs/base.yaml"):
+        sweep_from_grid("configs/base.yaml", ["prefix.top_k=1,2"], [0], [])
+
+
+def test_missing_sweep_base_is_named(tmp_path, monkeypatch):
+    sweep_file = _sweep_file(tmp_path, "configs/nope.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="base config not found: configs/nope.yaml"):
+        load_sweep(sweep_file)

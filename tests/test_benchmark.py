@@ -5,6 +5,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 from moe_prefix.tools.benchmark import TARGETS, Arm, BenchConfig, paired_ratio, peak_memory_mb, run, time_interleaved
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
@@ -71,6 +73,7 @@ def test_quick_run_on_tiny_configs_has_every_arm_and_ratio():
     assert results["notes"]["encoder"]["checkpoint"]["checkpoint_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_script_writes_json(tmp_path, monkeypatch, capsys):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = ["bench.py", "--quick", "--encoder", "tiny-bert", "--decoder", "tiny-llama", "--no-memory"]

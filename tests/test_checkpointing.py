@@ -1,7 +1,10 @@
 """Safetensors checkpoints: round trip, atomic writes, corrupted files, weights for another backbone."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from moe_prefix.train.checkpointing import CheckpointError, check_compatible, load_checkpoint_file, save_checkpoint_file
 
@@ -42,15 +45,23 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     save_checkpoint_file(_checkpoint(), path)
     before = path.read_bytes()
+    written = []
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt  # a kill in the middle of writing
+    def killed_mid_write(tensors, filename, metadata=None):
+        # A kill halfway through: the target of the write holds the first half of the new file's bytes.
+        new = safetensors_bytes(tensors, metadata=metadata)
+        Path(filename).write_bytes(new[: len(new) // 2])
+        written.append(Path(filename))
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr("moe_prefix.train.checkpointing.save_file", crash)
+    monkeypatch.setattr("moe_prefix.train.checkpointing.save_file", killed_mid_write)
+    newer = _checkpoint() | {"global_step": 18}
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint_file(_checkpoint(), path)
+        save_checkpoint_file(newer, path)
+    assert len(written) == 1 and written[0].stat().st_size > 0  # the partial file really was written
     assert path.read_bytes() == before
-    load_checkpoint_file(path)
+    back = load_checkpoint_file(path)
+    assert back["global_step"] == 17 and back["state_dict"]["network.body.bank.kv"].shape == (2, 3)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -1,6 +1,8 @@
-"""Bad input through the scripts: one line naming the problem, exit code 2, never a traceback."""
+"""The `moe-prefix` command: its subcommands, and bad input as one line naming the problem, exit code 2,
+never a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +10,13 @@ from pathlib import Path
 import pytest
 from conftest import tiny_run_overrides, write_reviews_csv
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from moe_prefix.tools.cli import COMMANDS, main
 
-import evaluate as evaluate_script  # noqa: E402
-import fit as fit_script  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_fit(argv, capsys):
-    code = fit_script.main([str(a) for a in argv])
+    code = main(["fit", *argv])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -114,26 +114,55 @@ def test_resume_without_checkpoint_and_fresh_run_over_old_one(tiny_backbone_dir,
 def test_evaluate_on_validation_split_and_on_a_file(tiny_backbone_dir, reviews_csv, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_fit(tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 4}), capsys)[0] == 0
-    assert evaluate_script.main([str(run)]) == 0
+    assert main(["evaluate", run]) == 0
     assert "val/acc" in capsys.readouterr().out and (run / "eval-val.json").is_file()
     other = write_reviews_csv(tmp_path / "other.csv", n=30, seed=5)
-    assert evaluate_script.main([str(run), "--data", str(other)]) == 0
+    assert main(["evaluate", run, "--data", other]) == 0
     assert (run / "eval-other.json").is_file()
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     tiny_backbone_dir, reviews_csv, tmp_path, capsys, monkeypatch
 ):
-    from moe_prefix.train import engine as training
+    from moe_prefix.train.classification import ClassificationModule
 
-    original = training.TaskModule.model_step
+    original = ClassificationModule.model_step
 
     def poisoned(self, batch):
         losses, out = original(self, batch)
         return (losses * float("nan") if self.training and self.global_step >= 6 else losses), out
 
-    monkeypatch.setattr(training.TaskModule, "model_step", poisoned)
+    monkeypatch.setattr(ClassificationModule, "model_step", poisoned)
     run = tmp_path / "run"
     argv = tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 20})
     assert_clean_failure(*run_fit(argv, capsys), "non-finite loss nan at step 6")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+
+
+def test_module_help_lists_every_command(tmp_path):
+    """`python -m moe_prefix` (what the ablation runner starts) from outside the checkout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_prefix", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = re.findall(r"^ {4}(\w+) ", proc.stdout, re.MULTILINE)
+    assert listed == ["fit", "evaluate", "analyze", "ablate", "bench", "prefetch"]
+
+
+def test_every_script_is_a_command():
+    assert {p.stem for p in (ROOT / "scripts").glob("*.py")} == set(COMMANDS)
+
+
+def test_bench_is_offline_unless_asked(monkeypatch):
+    from huggingface_hub import constants
+
+    from moe_prefix.tools.cli import _offline_unless_asked
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    _offline_unless_asked()
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.is_offline_mode()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _offline_unless_asked()
+    assert not constants.is_offline_mode()

@@ -151,8 +151,8 @@ def test_duplicate_ids(tmp_path):
 
 
 def test_unsupported_extension(tmp_path):
-    with pytest.raises(DataError, match="use .csv, .tsv, .jsonl"):
-        load_examples(_write(tmp_path / "d.parquet", "x"))
+    with pytest.raises(DataError, match=r"use \.csv, \.tsv, \.jsonl, \.parquet, a save_to_disk folder"):
+        load_examples(_write(tmp_path / "d.xlsx", "x"))
 
 
 def test_e2e_is_not_a_classification_source():

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_prefix.injection import STATE_KWARG
-from moe_prefix.train.generation import GenerationModule, build_generation, evaluate_generation, fit_generation
+from moe_prefix.train.engine import evaluate_run, fit
+from moe_prefix.train.generation import GenerationModule, build
 from moe_prefix.train.generation import generation_scores as scores
 from moe_prefix.train.run_config import load_config
 
@@ -100,6 +101,7 @@ def overrides(backbone, source, run_dir, **extra):
         "generation.max_new_tokens": 6,
         "generation.num_samples_saved": 4,
         "trainer.max_steps": 6,
+        "trainer.log_every_n_steps": 1,
         "trainer.max_epochs": 50,
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
@@ -123,7 +125,7 @@ def _spread_router(network, std=3.0):
 @pytest.fixture(scope="module")
 def built(tiny_lm_dir, descriptions, tmp_path_factory):
     cfg = load_config(None, overrides(tiny_lm_dir, descriptions, tmp_path_factory.mktemp("unused")))
-    tokenizer, data, network = build_generation(cfg)
+    tokenizer, data, network = build(cfg)
     _spread_router(network)
     network.eval()
     return cfg, tokenizer, data, network
@@ -141,7 +143,7 @@ def test_split_is_by_input_and_pairs_cover_every_reference(built):
 
 def test_jsonl_rows_group_by_input_and_a_missing_column_is_named(descriptions, tmp_path):
     from moe_prefix.train.data import DataError
-    from moe_prefix.train.generation import load_records
+    from moe_prefix.train.data import load_generation_records as load_records
 
     records = load_records(str(descriptions), "mr", "ref")
     assert len(records) == 24 and len({r["input"] for r in records}) == 24
@@ -153,7 +155,7 @@ def test_jsonl_rows_group_by_input_and_a_missing_column_is_named(descriptions, t
 def test_labels_mask_exactly_prompt_and_padding(built):
     _, tokenizer, data, _ = built
     items = data.train_set[:8]
-    batch = data._collate(items)
+    batch = data.collate(items)
     for i, item in enumerate(items):
         record = data.train_examples[item.index]
         prompt = tokenizer(f"{record['input']} :")["input_ids"]
@@ -171,7 +173,7 @@ def test_labels_mask_exactly_prompt_and_padding(built):
 def test_loss_is_the_mean_over_target_tokens_of_each_example_alone(built):
     cfg, tokenizer, data, network = built
     module = GenerationModule(network, cfg, tokenizer)
-    batch = data._collate(data.train_set[:6])
+    batch = data.collate(data.train_set[:6])
     with torch.no_grad():
         losses, _ = module.model_step(batch)
     expected = []
@@ -245,9 +247,10 @@ def test_scores_on_hand_made_examples():
 @pytest.fixture(scope="module")
 def fitted_run(tiny_lm_dir, descriptions, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fit") / "run"
-    return fit_generation(load_config(None, overrides(tiny_lm_dir, descriptions, run_dir, **{"prefix.init": "tokens"})))
+    return fit(load_config(None, overrides(tiny_lm_dir, descriptions, run_dir, **{"prefix.init": "tokens"})))
 
 
+@pytest.mark.slow  # whole fits
 def test_fit_generation_writes_the_run_directory(fitted_run):
     run = fitted_run.run_dir
     for name in ("config.yaml", "metrics.json", "adapter.safetensors", "routing.csv", "samples.jsonl"):
@@ -263,25 +266,21 @@ def test_fit_generation_writes_the_run_directory(fitted_run):
     assert rows[0] == "id,input_len,loss,new_tokens,prefix_len,experts,w0,w1,w2"
     assert len(rows) - 1 == 6
     # the same run evaluated again reproduces its metrics; the bare backbone is scored on the same inputs
-    again = evaluate_generation(run)
+    again = evaluate_run(run).metrics
     assert again["val/bleu"] == pytest.approx(metrics["val/bleu"])
     assert again["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
-    bare = evaluate_generation(run, no_prefix=True)
+    bare = evaluate_run(run, no_prefix=True).metrics
     assert {"val/bleu", "val/rougeL", "val/loss"} <= set(bare) and "val/router_entropy" not in bare
     assert bare["val/loss"] != pytest.approx(metrics["val/loss"])
     bare_samples = [json.loads(line) for line in (run / "samples-val-noprefix.jsonl").read_text().splitlines()]
     assert [s["id"] for s in bare_samples] == [s["id"] for s in samples]
 
 
+@pytest.mark.slow  # whole fits
 def test_evaluate_script_scores_the_bare_backbone(fitted_run, capsys):
-    import inspect
     import sys
     from pathlib import Path
 
-    from moe_prefix.tools.cli import evaluate_command
-
-    if "no_prefix" not in inspect.signature(evaluate_command).parameters:
-        pytest.skip("scripts/evaluate.py --no-prefix is not wired to evaluate_generation yet")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import evaluate as evaluate_script
 
@@ -290,6 +289,7 @@ def test_evaluate_script_scores_the_bare_backbone(fitted_run, capsys):
     assert "val/bleu:" in out and "val/rougeL:" in out and "eval-val-noprefix.json" in out
 
 
+@pytest.mark.slow  # whole fits
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_lm_dir, descriptions, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -306,7 +306,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_lm_dir, 
         steps_run.clear()
         extra = {"optim.schedule": "constant", "trainer.max_steps": steps, "checkpoint_every_n_steps": 2}
         cfg = load_config(None, overrides(tiny_lm_dir, descriptions, run_dir, **extra))
-        return load_file(str(fit_generation(cfg, resume=resume).run_dir / "adapter.safetensors"))
+        return load_file(str(fit(cfg, resume=resume).run_dir / "adapter.safetensors"))
 
     straight = run(tmp_path / "straight", 7)
     run(tmp_path / "resumed", 3)  # stops mid-epoch (5 batches per epoch), like a killed run

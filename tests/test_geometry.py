@@ -6,7 +6,6 @@ from scipy.stats import ortho_group
 
 from moe_prefix.analysis.geometry import (
     effective_rank,
-    ledoit_wolf_shrinkage,
     linear_cka,
     mahalanobis_distance,
     mean_cosine_to_reference,
@@ -97,7 +96,7 @@ def test_mahalanobis_without_shrinkage_matches_scipy():
     np.testing.assert_allclose(mahalanobis_distance(points, reference, shrinkage=0.0), expected)
 
 
-def test_ledoit_wolf_matches_definition():
+def test_mahalanobis_ledoit_wolf_matches_definition():
     # Ledoit & Wolf (2004), lemma 3.1-3.4 written out with explicit per-sample outer products.
     rng = np.random.default_rng(8)
     x = rng.normal(size=(30, 5)) * np.array([3.0, 1.0, 1.0, 0.5, 0.2])
@@ -108,9 +107,13 @@ def test_ledoit_wolf_matches_definition():
     delta2 = np.sum((s - mu * np.eye(d)) ** 2)
     beta2 = sum(np.sum((np.outer(row, row) - s) ** 2) for row in xc) / n**2
     expected = min(beta2, delta2) / delta2
-    assert ledoit_wolf_shrinkage(x) == pytest.approx(expected)
-    batched = ledoit_wolf_shrinkage(np.stack([x, 2 * x]))  # scale-free
-    np.testing.assert_allclose(batched, [expected, expected])
+    assert 0 < expected < 1
+    points = rng.normal(size=(4, d))
+    estimated = mahalanobis_distance(points, x)  # shrinkage="ledoit-wolf"
+    np.testing.assert_allclose(estimated, mahalanobis_distance(points, x, shrinkage=expected))
+    # λ is scale-free: scaling one head's reference and points by 2 leaves its distances unchanged.
+    batched = mahalanobis_distance(np.stack([points, 2 * points]), np.stack([x, 2 * x]))
+    np.testing.assert_allclose(batched, [estimated, estimated])
 
 
 def test_mahalanobis_shrinkage_keeps_few_samples_usable_and_scales_with_d():

@@ -8,7 +8,7 @@ from conftest import FAMILIES, batch, tiny_bert, tiny_gpt2, tiny_llama
 from einops import rearrange
 
 from moe_prefix import PrefixConfig, attach
-from moe_prefix.injection import STATE_KWARG, PrefixState
+from moe_prefix.injection import STATE_KWARG
 
 
 def max_diff(a, b, mask):
@@ -149,18 +149,25 @@ def test_eager_backbone_stays_eager_and_matches_sdpa():
 
 def test_state_is_batch_expanded_for_beams():
     """A prefix state of batch b serves a query batch of b * beams (beam search repeats examples)."""
-    mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1)).eval()
+    mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1, init_std=1.0)).eval()
     ids, mask = batch(b=2, pad_side="left")
     with torch.no_grad():
-        _, state = mixture.prepare(ids, mask)
+        g = torch.Generator().manual_seed(4)
+        mixture.router.proj.weight.copy_(torch.randn(mixture.router.proj.weight.shape, generator=g) * 3.0)
+        routing, state = mixture.prepare(ids, mask)
         single = mixture.backbone(input_ids=ids, attention_mask=mask, **{STATE_KWARG: state}).logits
         doubled = mixture.backbone(
             input_ids=ids.repeat_interleave(2, 0),
             attention_mask=mask.repeat_interleave(2, 0),
             **{STATE_KWARG: state},
         ).logits
-    assert torch.allclose(doubled[::2], single, atol=1e-6)
-    assert isinstance(state, PrefixState)
+    # Two examples on two different banks: a state repeated in the wrong order would swap their prefixes.
+    assert routing.indices[:, 0].tolist() == [1, 0]
+    # Top-1 blend: each example's prefix is its routed bank itself (weight 1), kept for all (b l c h p d).
+    assert state.kv.shape == (2, 2, 2, 2, 3, 8)  # 2 key/value heads of dim 8 (grouped-query attention)
+    assert torch.equal(state.kv, mixture.bank.tensor().detach()[routing.indices[:, 0]])
+    assert state.bias is None
+    assert torch.allclose(doubled[::2], single, atol=1e-6) and torch.allclose(doubled[1::2], single, atol=1e-6)
 
 
 def test_decoupled_prefix_matches_its_formula_on_one_layer():

@@ -5,7 +5,7 @@ import torch
 from conftest import FAMILIES, batch, tiny_bert, tiny_llama
 
 from moe_prefix import PrefixConfig, attach
-from moe_prefix.injection import STATE_KWARG, PrefixState
+from moe_prefix.injection import STATE_KWARG, PrefixState, enable_activation_checkpointing
 
 
 def _spread_router(mixture, std=3.0, seed=0):
@@ -115,11 +115,47 @@ def test_generate_with_routed_prefix_equals_stepwise_greedy_without_cache():
         assert torch.equal(generated[i, -new:], seq[0, -new:])
 
 
-def test_generate_with_beams_runs():
+def _beam_search(mixture, prompt, beams, new):
+    """Beam search by hand, no cache, each hypothesis a batch of one under the prompt's routed prefix."""
+    with torch.no_grad():
+        _, state = mixture.prepare(prompt, torch.ones_like(prompt))
+        hypotheses = [(prompt, 0.0)]
+        for _ in range(new):
+            candidates = []
+            for seq, score in hypotheses:
+                logits = mixture.backbone(input_ids=seq, use_cache=False, **{STATE_KWARG: state}).logits[0, -1]
+                top = logits.log_softmax(-1).topk(beams)
+                for lp, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                    candidates.append((torch.cat([seq, torch.tensor([[token]])], 1), score + lp))
+            hypotheses = sorted(candidates, key=lambda c: c[1], reverse=True)[:beams]
+    return hypotheses
+
+
+def test_generate_with_beams_equals_hand_written_beam_search():
     ids, mask = batch(b=2, t=5, pad_side="left")
-    mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1)).eval()
-    out = mixture.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=3, do_sample=False, eos_token_id=None)
-    assert out.shape == (2, 8)
+    mixture = attach(tiny_llama(), PrefixConfig(num_experts=2, prefix_len=3, top_k=1, init_std=0.5)).eval()
+    _spread_router(mixture)
+    beams, new = 3, 3
+    out = mixture.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        num_beams=beams,
+        num_return_sequences=beams,
+        length_penalty=0.0,  # scores are plain sums of log-probabilities
+        do_sample=False,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    # Each example's beams must read its own prefix: the examples route to different banks.
+    assert mixture.last_routing.indices[0, 0] != mixture.last_routing.indices[1, 0]
+    for i in range(ids.shape[0]):
+        reference = _beam_search(mixture, ids[i : i + 1, mask[i].bool()], beams, new)
+        rows = slice(i * beams, (i + 1) * beams)
+        assert out.sequences[rows, -new:].tolist() == [seq[0, -new:].tolist() for seq, _ in reference]
+        scores = torch.tensor([score for _, score in reference])
+        assert (out.sequences_scores[rows] - scores).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -131,7 +167,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(name):
         cfg = PrefixConfig(num_experts=3, prefix_len=4, top_k=2, combine="concat", router_noise=0.0)
         mixture = attach(FAMILIES[name](), cfg)
         if checkpointing:
-            mixture.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(mixture.backbone)
         mixture.train()
         out = mixture(input_ids=ids, attention_mask=mask, labels=labels)
         (out.loss + out.routing.aux_loss).backward()
@@ -170,15 +206,37 @@ def test_init_from_text_uses_real_token_keys():
             assert (real_keys - bank_key).abs().amax((1, 2)).min() <= 1e-6
 
 
-@pytest.mark.parametrize("router_input", ["hidden", "group"])
-def test_router_inputs(router_input):
-    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_input=router_input, num_groups=3, router_layer=1)
+def test_group_router_input_routes_by_group_and_ignores_the_text():
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_input="group", num_groups=3)
     mixture = attach(tiny_bert(), cfg).eval()
     ids, mask = batch()
+    other_ids, _ = batch(seed=1)
     groups = torch.tensor([0, 2, 1])
     with torch.no_grad():
-        out = mixture(input_ids=ids, attention_mask=mask, group_ids=groups)
-    assert out.routing.weights.shape == (3, 2)
+        logits = mixture(input_ids=ids, attention_mask=mask, group_ids=groups).routing.logits
+        swapped = mixture(input_ids=ids, attention_mask=mask, group_ids=groups.flip(0)).routing.logits
+        other_text = mixture(input_ids=other_ids, attention_mask=mask, group_ids=groups).routing.logits
+    # A one-hot group feature without normalisation picks the group's column of the router matrix.
+    assert torch.equal(logits, mixture.router.proj.weight.T[groups])
+    assert torch.equal(swapped, logits.flip(0)) and not torch.equal(swapped, logits)
+    assert torch.equal(other_text, logits)
+
+
+@pytest.mark.parametrize("router_layer", [1, 2])
+def test_hidden_router_input_is_the_masked_mean_after_router_layer(router_layer):
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_input="hidden", router_layer=router_layer)
+    mixture = attach(tiny_bert(), cfg).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        routing = mixture(input_ids=ids, attention_mask=mask).routing
+        hidden = tiny_bert()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        w = mask[..., None].float()
+        means = [(h * w).sum(1) / w.sum(1) for h in hidden]  # (b m) per depth: embeddings, layer 1, layer 2
+        expected = mixture.router(means[router_layer]).logits
+        elsewhere = [mixture.router(m).logits for i, m in enumerate(means) if i != router_layer]
+    assert (routing.logits - expected).abs().max() <= 1e-5
+    # The check can tell depths apart: features from any other depth give other logits.
+    assert all((routing.logits - other).abs().max() > 1e-3 for other in elsewhere)
 
 
 def test_decoupled_prefix_starts_as_the_backbone_and_trains():
@@ -190,3 +248,23 @@ def test_decoupled_prefix_starts_as_the_backbone_and_trains():
     assert (out.logits - expected.logits)[mask.bool()].abs().max() <= 1e-6
     out.loss.backward()
     assert mixture.gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_detach_backbone_gives_back_the_untouched_model(name, impl):
+    ids, mask = batch()
+    untouched = FAMILIES[name]()
+    untouched.set_attn_implementation(impl)
+    with torch.no_grad():
+        expected = untouched(input_ids=ids, attention_mask=mask).logits
+    model = FAMILIES[name]()
+    model.set_attn_implementation(impl)
+    mixture = attach(model, PrefixConfig(num_experts=2, prefix_len=3, top_k=1, init_std=1.0)).eval()
+    with torch.no_grad():
+        prefixed = mixture(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(prefixed, expected)  # the prefix did reach attention before detaching
+    backbone = mixture.detach_backbone()
+    assert backbone is model and backbone.config._attn_implementation == impl
+    with torch.no_grad():
+        assert torch.equal(backbone(input_ids=ids, attention_mask=mask).logits, expected)

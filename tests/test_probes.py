@@ -10,6 +10,7 @@ from conftest import batch, tiny_bert, tiny_llama
 from einops import rearrange
 
 from moe_prefix import PrefixConfig, attach
+from moe_prefix.analysis.geometry import linear_cka
 from moe_prefix.analysis.probes import key_distance, mean_by_group, prefix_attention_mass, prefix_key_geometry
 
 torch.set_num_threads(1)
@@ -114,10 +115,18 @@ def test_lambda_on_grouped_query_attention_has_query_heads():
 
 def test_geometry_shapes():
     mixture = _mixture("blend")
+    with torch.no_grad():
+        mixture.bank.kv[0, 1, 0] = 0.5  # expert 0's layer-1 keys are constant: nothing to compare, CKA is NaN
     geo = prefix_key_geometry(mixture)
     assert geo.key_rank.shape == geo.value_rank.shape == (E, 2, 4)  # (e l h)
     assert geo.key_cka.shape == (2, E, E)  # (l e e)
-    np.testing.assert_allclose(np.diagonal(geo.key_cka, axis1=1, axis2=2), 1.0)
+    keys = rearrange(mixture.bank.tensor().detach().double()[:, :, 0].numpy(), "e l h p d -> l e (h d) p")
+    expected = np.array([[[linear_cka(x, y) for y in layer] for x in layer] for layer in keys])
+    np.testing.assert_allclose(geo.key_cka, expected, rtol=1e-12)  # NaN exactly where the pairwise CKA is NaN
+    np.testing.assert_array_equal(geo.key_cka, geo.key_cka.transpose(0, 2, 1))
+    np.testing.assert_allclose(np.diagonal(geo.key_cka[0]), 1.0, atol=1e-6)
+    assert np.isnan(geo.key_cka[1, 0]).all() and np.isnan(geo.key_cka[1, :, 0]).all()
+    assert 0.0 < geo.key_cka[0, 0, 1] < 0.99  # random banks are not alike: the diagonal is not the whole story
     assert geo.key_angles.shape == (2, 4, E, E, 4)  # (l h e e r), r = min(p, d // 2) = 4
     assert (geo.key_angles >= 0).all() and (geo.key_angles <= np.pi / 2 + 1e-9).all()
     assert ((1 <= geo.key_rank) & (geo.key_rank <= P)).all()

@@ -62,6 +62,7 @@ def _figures(report: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow  # analyses whole fits
 def test_analyze_run_writes_report_with_all_sections(runs):
     report = analyze_run(runs["concat"], max_examples=24, progress=False)
     assert report == runs["concat"] / "analysis" / "report.md"
@@ -83,6 +84,7 @@ def test_analyze_run_writes_report_with_all_sections(runs):
     assert "the same prefix length (4)" in text  # fixed lengths: the section says why it is skipped
 
 
+@pytest.mark.slow  # analyses whole fits
 def test_analyze_run_correlates_varying_lengths(runs):
     report = analyze_run(runs["lengths"], progress=False)
     text = report.read_text()
@@ -99,6 +101,7 @@ def test_analyze_run_correlates_varying_lengths(runs):
         ("baseline", ["no router (a baseline)", "baseline has no prefix banks"], set()),
     ],
 )
+@pytest.mark.slow  # analyses whole fits
 def test_analyze_run_skips_what_does_not_apply(runs, name, sentences, figures):
     report = analyze_run(runs[name], progress=False)
     text = report.read_text()
@@ -109,6 +112,7 @@ def test_analyze_run_skips_what_does_not_apply(runs, name, sentences, figures):
         assert not list(report.parent.glob("*.png"))
 
 
+@pytest.mark.slow  # analyses whole fits
 def test_script_prints_report_path_or_fails_in_one_line(runs, tmp_path, capsys):
     assert analyze_script.main([str(runs["one"]), "--max-examples", "8"]) == 0
     out = capsys.readouterr().out
@@ -120,6 +124,7 @@ def test_script_prints_report_path_or_fails_in_one_line(runs, tmp_path, capsys):
     assert "Traceback" not in captured.out + captured.err
 
 
+@pytest.mark.slow  # analyses whole fits
 @pytest.mark.parametrize("name", ["routing_behaviour", "prefix_attention"])
 def test_notebook_stored_without_outputs_runs_on_a_run_dir(runs, name, monkeypatch, tmp_path):
     nb = nbformat.read(ROOT / "analysis" / f"{name}.ipynb", as_version=4)
@@ -134,6 +139,7 @@ def test_notebook_stored_without_outputs_runs_on_a_run_dir(runs, name, monkeypat
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
 
+@pytest.mark.slow  # analyses whole fits
 def test_analyze_run_reads_a_generation_routing_table(runs, tmp_path):
     """Generation runs write routing.csv without group, label and prediction columns."""
     run = shutil.copytree(runs["concat"], tmp_path / "generation")

@@ -1,9 +1,10 @@
 """Router and auxiliary losses, lengths and configuration checks."""
 
+import numpy as np
 import pytest
 import torch
 
-from moe_prefix import PrefixConfig, load_balance_loss, router_z_loss
+from moe_prefix import PrefixConfig, detect_collapse, load_balance_loss, router_z_loss
 from moe_prefix.length import LengthController
 from moe_prefix.router import Router
 
@@ -100,3 +101,21 @@ def test_top1_router_receives_task_gradient():
     assert torch.allclose(out.topk_weights, torch.ones(5, 1))
     (out.topk_weights * torch.randn(5, 1)).sum().backward()
     assert router.proj.weight.grad.abs().sum() > 0
+
+
+def test_detect_collapse():
+    report = detect_collapse(np.array([0.95, 0.03, 0.02]))
+    assert report and report.expert == 0 and report.share == pytest.approx(0.95)
+    balanced = detect_collapse(np.array([30, 40, 30]))  # counts are fine too
+    assert not balanced and balanced.expert == 1 and balanced.share == pytest.approx(0.4)
+    assert detect_collapse(np.array([0.1, 0.6, 0.3]), threshold=0.5).expert == 1
+
+
+def test_detect_collapse_takes_tensors_and_lists_alike():
+    load = torch.tensor([0.125, 0.75, 0.125], dtype=torch.bfloat16, requires_grad=True)  # exact in bf16
+    report = detect_collapse(load, threshold=0.7)
+    assert report == detect_collapse([0.125, 0.75, 0.125], 0.7) == detect_collapse(np.array([1, 6, 1]), 0.7)
+    assert report and report.expert == 1 and report.share == 0.75
+    for bad in ([], [[0.5, 0.5]], [0.5, -0.1], [0, 0]):
+        with pytest.raises(ValueError, match="load must be"):
+            detect_collapse(bad)

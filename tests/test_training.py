@@ -15,6 +15,8 @@ from safetensors import safe_open
 from moe_prefix.train.engine import fit
 from moe_prefix.train.run_config import load_config
 
+pytestmark = pytest.mark.slow  # every test here is a whole fit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

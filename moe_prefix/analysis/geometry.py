@@ -20,20 +20,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .stats import _as_numpy
+from .stats import as_numpy
 
 __all__ = [
     "effective_rank",
     "linear_cka",
     "principal_angles",
-    "ledoit_wolf_shrinkage",
     "mahalanobis_distance",
     "mean_cosine_to_reference",
 ]
 
 
 def _float(x: Any) -> np.ndarray:
-    return _as_numpy(x, dtype=np.float64)
+    return as_numpy(x, dtype=np.float64)
 
 
 def _scalar(x: np.ndarray) -> Any:
@@ -114,7 +113,7 @@ def _covariance(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _ledoit_wolf(centred: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """Ledoit–Wolf shrinkage intensity (...,) towards (tr S / d) I for centred samples (..., n, d)."""
+    """Ledoit–Wolf (2004) shrinkage intensity (...,) in [0, 1] towards (tr S / d) I, as sklearn's, for (..., n, d)."""
     n, d = centred.shape[-2:]
     target = np.trace(cov, axis1=-2, axis2=-1) / d  # (...)
     eye = np.eye(d)
@@ -126,20 +125,6 @@ def _ledoit_wolf(centred: np.ndarray, cov: np.ndarray) -> np.ndarray:
     beta2 = np.minimum(beta2, delta2)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(delta2 > 0, beta2 / delta2, 0.0)
-
-
-def ledoit_wolf_shrinkage(reference: Any) -> Any:
-    """Ledoit–Wolf (2004) shrinkage intensity in [0, 1] for samples (..., n, d) -> (...).
-
-    The estimate (1 - λ) S + λ (tr S / d) I, S the maximum-likelihood covariance, minimises the expected
-    squared Frobenius error; λ grows as n shrinks relative to d, so the estimate stays invertible even for
-    n <= d. Same formula as sklearn's ``ledoit_wolf_shrinkage``.
-    """
-    ref = _float(reference)
-    if ref.ndim < 2:
-        raise ValueError(f"expected (..., n, d), got shape {ref.shape}")
-    _, centred, cov = _covariance(ref)
-    return _scalar(_ledoit_wolf(centred, cov))
 
 
 def _points_and_reference(points: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:

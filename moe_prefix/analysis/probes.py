@@ -186,12 +186,14 @@ def prefix_key_geometry(mixture, subspace_dim: int | None = None) -> BankGeometr
     r = subspace_dim or max(1, min(p, d // 2))
     if not 1 <= r <= min(p, d):
         raise ValueError(f"subspace_dim must lie in 1..min(p, d)={min(p, d)}, got {r}")
-    cka = np.ones((layers, e, e))
+    cka = np.empty((layers, e, e))
     angles = np.zeros((layers, heads, e, e, r))
     for layer in range(layers):
         coords = rearrange(keys[:, layer], "e h p d -> e (h d) p")
         bases = [[_subspace(keys[i, layer, h], r) for h in range(heads)] for i in range(e)]
         for i in range(e):
+            # Computed, not assumed: a constant bank has no geometry and its self-CKA is NaN, not 1.
+            cka[layer, i, i] = linear_cka(coords[i], coords[i])
             for j in range(i + 1, e):
                 cka[layer, i, j] = cka[layer, j, i] = linear_cka(coords[i], coords[j])
                 for h in range(heads):

@@ -15,7 +15,6 @@ Axes: n - examples, e - experts, k - banks per input, l - layers, h - heads, g -
 from __future__ import annotations
 
 import csv
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,10 +25,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from moe_prefix.router import detect_collapse
+from moe_prefix.train import run_dir as rd
 from moe_prefix.train.run_config import ConfigError
 
 from . import probes
-from .routing_stats import detect_collapse, expert_load, nmi_permutation_test, routing_entropy
+from .routing_stats import expert_load, nmi_permutation_test, routing_entropy
 from .stats import bootstrap_ci, cohens_d, spearman_with_ci
 
 __all__ = [
@@ -83,9 +84,9 @@ class RoutingTable:
 
 def read_routing_table(run_dir: str | Path) -> RoutingTable:
     """Read RUN_DIR/routing.csv (classification or generation runs; the latter have no group or label)."""
-    path = Path(run_dir) / "routing.csv"
+    path = Path(run_dir) / rd.ROUTING_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir} has no routing.csv: the run did not finish")
+        raise ConfigError(f"{run_dir} has no {rd.ROUTING_FILE}: the run did not finish")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -110,7 +111,7 @@ def read_routing_table(run_dir: str | Path) -> RoutingTable:
 
 def read_training_log(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """RUN_DIR/logs/metrics.csv as {key: (steps, values)}, keeping only the rows where the key was logged."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
+    path = Path(run_dir) / rd.LOG_DIR / "metrics.csv"
     if not path.is_file():
         return {}
     with open(path, newline="") as f:
@@ -559,9 +560,8 @@ def _header(rep: _Report, run_dir: Path, cfg) -> None:
             f"combine `{p.combine}`, length `{p.length}`, router input `{p.router_input}`, mode `{p.prefix_mode}`"
         )
     rep.add(desc + ".")
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
+    metrics = rd.read_metrics(run_dir)
+    if metrics is not None:
         shown = {k: v for k, v in metrics.items() if k.startswith("val/acc") or k in ("val/loss", "val/f1")}
         rep.table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in sorted(shown.items())])
 
@@ -572,13 +572,12 @@ def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: b
     ``max_examples`` caps the validation examples run through the model for λ and the key distances
     (a seeded random subset; None: all); the routing statistics always use the whole routing.csv.
     """
-    from moe_prefix.tools.cli import load_run_config
-    from moe_prefix.train.engine import load_network
+    from moe_prefix.train.engine import load_run
 
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = rd.read_config(run_dir)
     table = read_routing_table(run_dir)
     if len(table.ids) < 2:
         raise ConfigError(f"{run_dir} has {len(table.ids)} validation example(s): the statistics need at least 2")
@@ -594,8 +593,9 @@ def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: b
     if cfg.model.method == "prefix" and cfg.model.task != "classification":
         skip = f"the model probes read classification batches; this is a {cfg.model.task} run."
     elif cfg.model.method == "prefix":
-        cfg, data, network = load_network(run_dir, cfg)
-        mixture, group_names = network.mixture, list(data.group_names)
+        cfg, built = load_run(run_dir, cfg)
+        data = built.data
+        mixture, group_names = built.network.mixture, list(data.group_names)
         loader = probes.validation_batches(data, max_examples)
         if cfg.prefix.prefix_mode != "decoupled":
             mass = probes.prefix_attention_mass(mixture, loader, progress=progress)

@@ -4,11 +4,11 @@ Inputs are the per-example routing the validation pass records: expert weights (
 ids, (n,) for the top-1 expert or (n, k) for top-k, plus any per-example grouping (domain, label).
 
 - load and entropy: how evenly the experts are used, and how confident each routing decision is;
-- contingency tables, normalised mutual information and its permutation test: do experts track domains?
-- adjusted Rand index and Hungarian matching: do two runs (seeds) route the same examples together?
+- normalised mutual information and its permutation test: do experts track domains?
 
-References: Strehl & Ghosh (2002) and Vinh, Epps & Bailey (2010) for NMI; Hubert & Arabie (1985) for the
-adjusted Rand index; Kuhn (1955) for the assignment problem (scipy.optimize.linear_sum_assignment).
+Collapse detection lives with the router (``moe_prefix.router.detect_collapse``), since training uses it too.
+
+References: Strehl & Ghosh (2002) and Vinh, Epps & Bailey (2010) for NMI.
 
 Axis key: ``n`` examples, ``e`` experts, ``k`` top-k, ``r`` permutations, ``i``/``j`` labels of the two
 labelings being compared.
@@ -16,27 +16,18 @@ labelings being compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from .stats import Seed, _as_numpy, _chunks
+from .stats import Seed, as_numpy, chunks
 
 __all__ = [
     "RoutingEntropy",
-    "CollapseReport",
-    "Contingency",
-    "Agreement",
     "expert_load",
     "routing_entropy",
-    "detect_collapse",
-    "contingency",
     "normalized_mutual_info",
     "nmi_permutation_test",
-    "adjusted_rand_index",
-    "matched_agreement",
 ]
 
 
@@ -54,34 +45,6 @@ class RoutingEntropy(NamedTuple):
     mutual_information: float
 
 
-@dataclass(frozen=True)
-class CollapseReport:
-    """Whether one expert takes at least ``threshold`` of the load. Truthy when collapsed."""
-
-    collapsed: bool
-    expert: int  # the most loaded expert, collapsed or not
-    share: float  # its share of the load
-
-    def __bool__(self) -> bool:
-        return self.collapsed
-
-
-class Contingency(NamedTuple):
-    """``table[i, j]``: number of examples with expert ``expert_labels[i]`` and group ``group_labels[j]``."""
-
-    table: np.ndarray
-    expert_labels: np.ndarray
-    group_labels: np.ndarray
-
-
-class Agreement(NamedTuple):
-    """Agreement of two routings: ARI, fraction routed alike after matching ids, and the id mapping b -> a."""
-
-    ari: float
-    accuracy: float
-    mapping: dict
-
-
 def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     """Shannon entropy in nats along ``axis`` of probabilities ``p``, with 0 log 0 = 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -97,7 +60,7 @@ def expert_load(routing: Any, num_experts: int | None = None) -> np.ndarray:
     (the hard load; top-k counts each of the k choices). ``num_experts`` is required for ids when the last
     experts may never be chosen; for weights it defaults to e.
     """
-    r = _as_numpy(routing)
+    r = as_numpy(routing)
     if np.issubdtype(r.dtype, np.integer):
         ids = r.ravel().astype(np.int64)
         if ids.size == 0:
@@ -133,7 +96,7 @@ def routing_entropy(weights: Any, normalize: bool = False) -> RoutingEntropy:
     Rows are renormalised to sum to 1 (top-k weights with zeros elsewhere are fine). With
     ``normalize=True`` every entropy is divided by log e, so 1 means uniform over all experts.
     """
-    w = _normalise_rows(_as_numpy(weights, dtype=np.float64))
+    w = _normalise_rows(as_numpy(weights, dtype=np.float64))
     mean_h = float(_entropy(w).mean())
     load_h = float(_entropy(w.mean(axis=0)))
     if normalize:
@@ -144,23 +107,9 @@ def routing_entropy(weights: Any, normalize: bool = False) -> RoutingEntropy:
     return RoutingEntropy(mean_h, load_h, max(load_h - mean_h, 0.0))
 
 
-def detect_collapse(load: Any, threshold: float = 0.9) -> CollapseReport:
-    """Report whether a single expert takes at least ``threshold`` of ``load`` (e,) (fractions or counts).
-
-    The report is truthy when collapsed, so ``if detect_collapse(load): warn(...)`` works; it also names the
-    most loaded expert (``report.expert``, which may be 0: test the report, not the index).
-    """
-    lo = _as_numpy(load, dtype=np.float64)
-    if lo.ndim != 1 or lo.size == 0 or (lo < 0).any() or lo.sum() <= 0:
-        raise ValueError("load must be a non-empty 1-D array of non-negative values with positive sum")
-    share = lo / lo.sum()
-    top = int(np.argmax(share))
-    return CollapseReport(bool(share[top] >= threshold), top, float(share[top]))
-
-
 def _codes(labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique labels and the integer code of every element: (n,) -> (u,), (n,)."""
-    arr = _as_numpy(labels)
+    arr = as_numpy(labels)
     if arr.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
     uniq, inv = np.unique(arr, return_inverse=True)
@@ -170,18 +119,6 @@ def _codes(labels: Any) -> tuple[np.ndarray, np.ndarray]:
 def _table(codes_a: np.ndarray, codes_b: np.ndarray, ka: int, kb: int) -> np.ndarray:
     """Contingency counts (ka, kb) of two integer codings of the same n elements."""
     return np.bincount(codes_a * kb + codes_b, minlength=ka * kb).reshape(ka, kb)
-
-
-def contingency(experts: Any, groups: Any) -> Contingency:
-    """Cross-tabulate chosen experts (n,) against groups (n,) (ints or strings): table (i, j) of counts.
-
-    Only labels that occur get a row or column; labels are sorted as by ``np.unique``.
-    """
-    ea, ec = _codes(experts)
-    ga, gc = _codes(groups)
-    if ec.size != gc.size:
-        raise ValueError(f"experts and groups differ in length: {ec.size} vs {gc.size}")
-    return Contingency(_table(ec, gc, ea.size, ga.size), ea, ga)
 
 
 def _mutual_info(tables: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
@@ -236,58 +173,10 @@ def nmi_permutation_test(
 
     rng = np.random.default_rng(seed)
     count = 0
-    for start, stop in _chunks(n_permutations, max(n, ka * kb)):
+    for start, stop in chunks(n_permutations, max(n, ka * kb)):
         r = stop - start
         shuffled = rng.permuted(np.tile(cb, (r, 1)), axis=1)  # (r, n)
         flat = (ca * kb + shuffled) + (np.arange(r) * (ka * kb))[:, None]
         tables = np.bincount(flat.ravel(), minlength=r * ka * kb).reshape(r, ka, kb)
         count += int(np.count_nonzero(_mutual_info(tables, rows, cols, n) >= observed - gamma))
     return nmi, (count + 1) / (n_permutations + 1)
-
-
-def _comb2(x: np.ndarray) -> np.ndarray:
-    """x choose 2, elementwise, in float64 (no overflow for large counts)."""
-    x = np.asarray(x, dtype=np.float64)
-    return x * (x - 1) / 2
-
-
-def _ari_from_table(table: np.ndarray) -> float:
-    """Hubert–Arabie adjusted Rand index of a contingency table (i, j)."""
-    n = table.sum()
-    pairs = _comb2(table).sum()
-    pairs_a = _comb2(table.sum(axis=1)).sum()
-    pairs_b = _comb2(table.sum(axis=0)).sum()
-    total = _comb2(n)
-    if total == 0:
-        return 1.0
-    expected = pairs_a * pairs_b / total
-    maximum = (pairs_a + pairs_b) / 2
-    if maximum == expected:  # both one cluster, or both all singletons: identical partitions
-        return 1.0
-    return float((pairs - expected) / (maximum - expected))
-
-
-def adjusted_rand_index(labels_a: Any, labels_b: Any) -> float:
-    """Adjusted Rand index of two labelings (n,): 1 for the same partition, about 0 for independent ones.
-
-    Counts pairs of examples put together or apart by both labelings, corrected for chance (Hubert &
-    Arabie 1985); invariant to renaming labels, so expert ids of two runs need no matching.
-    """
-    table = contingency(labels_a, labels_b).table
-    return _ari_from_table(table)
-
-
-def matched_agreement(labels_a: Any, labels_b: Any) -> Agreement:
-    """Compare two routings (n,) of the same examples, e.g. top-1 experts of two seeds.
-
-    Expert ids of run b are matched one-to-one to ids of run a by the assignment that maximises the number
-    of examples routed alike (Hungarian algorithm on the contingency table). Returns
-    ``Agreement(ari, accuracy, mapping)``: ARI (already matching-free), the fraction of examples whose b id
-    maps to their a id, and ``mapping`` {b id: a id}. With unequal numbers of ids, the surplus ids of the
-    larger side stay unmatched (absent from ``mapping`` if in b) and count as disagreements.
-    """
-    table, a_ids, b_ids = contingency(labels_a, labels_b)
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    accuracy = float(table[rows, cols].sum() / table.sum())
-    mapping = dict(zip(b_ids[cols].tolist(), a_ids[rows].tolist(), strict=True))
-    return Agreement(_ari_from_table(table), accuracy, mapping)

@@ -7,7 +7,6 @@ References:
 - Efron & Tibshirani, *An Introduction to the Bootstrap* (1993), ch. 13: the percentile interval.
 - Phipson & Smyth, "Permutation p-values should never be zero" (2010): the (count + 1) / (n + 1) estimate.
 - Holm, "A simple sequentially rejective multiple test procedure" (1979).
-- Cliff, "Dominance statistics: ordinal analyses to answer ordinal questions" (1993).
 
 Axis key: ``n`` samples (examples, seeds, tasks), ``c`` columns (statistics computed side by side),
 ``r`` resamples or permutations.
@@ -22,14 +21,14 @@ import numpy as np
 from scipy.stats import rankdata
 
 __all__ = [
+    "as_numpy",
+    "chunks",
     "ConfidenceInterval",
     "bootstrap_ci",
     "paired_permutation_test",
     "holm",
-    "holm_reject",
     "cohens_d",
     "cohens_d_paired",
-    "cliffs_delta",
     "spearman_with_ci",
 ]
 
@@ -49,7 +48,7 @@ class ConfidenceInterval(NamedTuple):
     high: Any
 
 
-def _as_numpy(x: Any, dtype: Any = None) -> np.ndarray:
+def as_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     """Array view of a numpy array, list or torch tensor (detached, on CPU)."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         x = x.detach().cpu()
@@ -59,8 +58,10 @@ def _as_numpy(x: Any, dtype: Any = None) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _chunks(total: int, row_elements: int, budget: int = _CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
-    """(start, stop) slices of ``range(total)`` with at most ``budget`` elements of ``row_elements`` each."""
+def chunks(total: int, row_elements: int, budget: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) slices of ``range(total)`` whose rows of ``row_elements`` hold at most ``budget`` elements."""
+    # Read the default at call time, so a caller (or test) that lowers _CHUNK_ELEMENTS is obeyed.
+    budget = _CHUNK_ELEMENTS if budget is None else budget
     step = max(1, budget // max(1, row_elements))
     for start in range(0, total, step):
         yield start, min(total, start + step)
@@ -90,7 +91,7 @@ def bootstrap_ci(
     Returns ``ConfidenceInterval(estimate, low, high)``: floats for (n,) input, arrays of shape (c,) for
     (n, c) input. ``estimate`` is ``stat`` of the original sample.
     """
-    x = _as_numpy(values, dtype=np.float64)
+    x = as_numpy(values, dtype=np.float64)
     if x.ndim not in (1, 2):
         raise ValueError(f"values must be (n,) or (n, c), got shape {x.shape}")
     n = x.shape[0]
@@ -102,7 +103,7 @@ def bootstrap_ci(
 
     estimate = np.asarray(stat(x, axis=0), dtype=np.float64)
     boot = np.empty((n_resamples, *estimate.shape))
-    for start, stop in _chunks(n_resamples, x.size):
+    for start, stop in chunks(n_resamples, x.size):
         idx = rng.integers(0, n, size=(stop - start, n))
         boot[start:stop] = stat(x[idx], axis=1)  # (r, n[, c]) -> (r[, c])
 
@@ -142,8 +143,8 @@ def paired_permutation_test(
     """
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
-    a_arr = _as_numpy(a, dtype=np.float64)
-    b_arr = _as_numpy(b, dtype=np.float64)
+    a_arr = as_numpy(a, dtype=np.float64)
+    b_arr = as_numpy(b, dtype=np.float64)
     if a_arr.ndim != 1 or a_arr.shape != b_arr.shape:
         raise ValueError(f"a and b must be 1-D of equal length, got {a_arr.shape} and {b_arr.shape}")
     d = a_arr - b_arr
@@ -161,14 +162,14 @@ def paired_permutation_test(
     if exact:
         total = 1 << n
         bits = np.arange(n)
-        for start, stop in _chunks(total, n):
+        for start, stop in chunks(total, n):
             codes = np.arange(start, stop)[:, None]
             signs = 1.0 - 2.0 * ((codes >> bits) & 1)  # (r, n) in {+1, -1}; code 0 is the observed one
             count += _sign_flip_pvalue(signs @ d / n, observed, scale, alternative)
         return count / total
 
     rng = np.random.default_rng(seed)
-    for start, stop in _chunks(n_permutations, n):
+    for start, stop in chunks(n_permutations, n):
         signs = 1.0 - 2.0 * rng.integers(0, 2, size=(stop - start, n))
         count += _sign_flip_pvalue(signs @ d / n, observed, scale, alternative)
     return (count + 1) / (n_permutations + 1)
@@ -181,7 +182,7 @@ def holm(pvalues: Any) -> np.ndarray:
     max_{j <= i} min(1, (m - j + 1) p_(j)): step-down, monotone in the sorted order, capped at 1.
     Rejecting where adjusted <= alpha controls the family-wise error rate at alpha under any dependence.
     """
-    p = _as_numpy(pvalues, dtype=np.float64)
+    p = as_numpy(pvalues, dtype=np.float64)
     flat = p.ravel()
     if np.isnan(flat).any() or (flat < 0).any() or (flat > 1).any():
         raise ValueError("p-values must lie in [0, 1] and not be NaN")
@@ -193,14 +194,9 @@ def holm(pvalues: Any) -> np.ndarray:
     return adjusted.reshape(p.shape)
 
 
-def holm_reject(pvalues: Any, alpha: float = 0.05) -> np.ndarray:
-    """Boolean mask of hypotheses Holm's procedure rejects at family-wise level ``alpha``."""
-    return holm(pvalues) <= alpha
-
-
 def cohens_d_paired(a: Any, b: Any) -> float:
     """Cohen's d_z for paired samples: mean(a - b) / sd(a - b), sd with ddof=1. ``a``, ``b``: (n,)."""
-    d = _as_numpy(a, dtype=np.float64) - _as_numpy(b, dtype=np.float64)
+    d = as_numpy(a, dtype=np.float64) - as_numpy(b, dtype=np.float64)
     if d.ndim != 1 or d.size < 2:
         raise ValueError(f"need two 1-D paired samples of length >= 2, got shape {d.shape}")
     return float(d.mean() / d.std(ddof=1))
@@ -211,27 +207,12 @@ def cohens_d(a: Any, b: Any) -> float:
 
     pooled sd = sqrt(((n_a - 1) s_a² + (n_b - 1) s_b²) / (n_a + n_b - 2)), s with ddof=1.
     """
-    x = _as_numpy(a, dtype=np.float64).ravel()
-    y = _as_numpy(b, dtype=np.float64).ravel()
+    x = as_numpy(a, dtype=np.float64).ravel()
+    y = as_numpy(b, dtype=np.float64).ravel()
     if x.size < 2 or y.size < 2:
         raise ValueError("each sample needs at least 2 values")
     pooled = ((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / (x.size + y.size - 2)
     return float((x.mean() - y.mean()) / np.sqrt(pooled))
-
-
-def cliffs_delta(a: Any, b: Any) -> float:
-    """Cliff's delta P(a > b) - P(a < b) over all n_a × n_b pairs, in [-1, 1]. ``a``: (n_a,), ``b``: (n_b,).
-
-    Counted by binary search in sorted ``b``: O((n_a + n_b) log n_b), no n_a × n_b matrix.
-    Equals 2U / (n_a n_b) - 1 with U the Mann–Whitney statistic of ``a``.
-    """
-    x = _as_numpy(a, dtype=np.float64).ravel()
-    y = np.sort(_as_numpy(b, dtype=np.float64).ravel())
-    if x.size == 0 or y.size == 0:
-        raise ValueError("both samples must be non-empty")
-    below = np.searchsorted(y, x, side="left")  # b values strictly less than each a value
-    above = y.size - np.searchsorted(y, x, side="right")  # b values strictly greater
-    return float((below.sum() - above.sum()) / (x.size * y.size))
 
 
 def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -255,8 +236,8 @@ def spearman_with_ci(
     Ties get average ranks (as in scipy.stats.spearmanr). Each resample is re-ranked; resamples in which
     x or y is constant have no defined rho and are left out of the quantiles.
     """
-    xa = _as_numpy(x, dtype=np.float64)
-    ya = _as_numpy(y, dtype=np.float64)
+    xa = as_numpy(x, dtype=np.float64)
+    ya = as_numpy(y, dtype=np.float64)
     if xa.ndim != 1 or xa.shape != ya.shape:
         raise ValueError(f"x and y must be 1-D of equal length, got {xa.shape} and {ya.shape}")
     n = xa.size
@@ -266,7 +247,7 @@ def spearman_with_ci(
 
     rho = float(_rowwise_pearson(rankdata(xa)[None], rankdata(ya)[None])[0])
     boot = np.empty(n_resamples)
-    for start, stop in _chunks(n_resamples, 2 * n):
+    for start, stop in chunks(n_resamples, 2 * n):
         idx = rng.integers(0, n, size=(stop - start, n))
         boot[start:stop] = _rowwise_pearson(rankdata(xa[idx], axis=1), rankdata(ya[idx], axis=1))
 

@@ -1,17 +1,15 @@
 """Ablation sweeps: arms × seeds through the same `fit`, resumable, summarised with intervals and tests.
 
-Each run is `scripts/fit.py` in its own process (memory is returned after every run, and N workers run
-side by side). A run whose directory holds metrics.json is done and skipped; one with checkpoints is
-resumed; so a killed sweep restarts where it stopped. The summary compares every arm with a reference
-arm on matched seeds (same seed: same initialisation, data order and split).
+Each run is `python -m moe_prefix fit` in its own process (memory is returned after every run, N workers
+run side by side, and no source checkout is needed). A run whose directory holds metrics.json is done and
+skipped; one with checkpoints is resumed; so a killed sweep restarts where it stopped. The summary compares
+every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split).
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import json
-import os
 import subprocess
 import sys
 import time
@@ -23,14 +21,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from moe_prefix.analysis.stats import bootstrap_ci, cohens_d_paired, holm, paired_permutation_test
+from moe_prefix.train import run_dir as rd
 from moe_prefix.train.run_config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class Sweep:
-    base: str | None  # base config file
+    base: str | Path | None  # base config file (load_sweep and sweep_from_grid make it absolute)
     arms: dict[str, list[str]]  # arm name -> config overrides
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = field(default_factory=list)  # applied to every arm (the budget)
@@ -53,7 +50,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: a sweep needs 'arms' (name: [key=value, ...])")
     arms = {str(name): [str(o) for o in (ovs or [])] for name, ovs in raw["arms"].items()}
     sweep = Sweep(
-        raw.get("base"),
+        resolve_base(raw.get("base"), sweep_file=path),
         arms,
         list(raw.get("seeds", [0, 1, 2])),
         list(raw.get("overrides", [])),
@@ -72,7 +69,27 @@ def sweep_from_grid(base: str | None, grid: list[str], seeds: list[int], overrid
         key, values = item.split("=", 1)
         axes.append([f"{key}={v}" for v in values.split(",")])
     arms = {" ".join(combo): list(combo) for combo in itertools.product(*axes)}
-    return _check(Sweep(base, arms, seeds, overrides, next(iter(arms))))
+    return _check(Sweep(resolve_base(base), arms, seeds, overrides, next(iter(arms))))
+
+
+def resolve_base(base: str | None, sweep_file: Path | None = None) -> Path | None:
+    """The base config as an absolute path: relative to the current directory, else (for a sweep file's
+    `base:`) to the sweep file's folder and each folder above it, so that `base: configs/moe4.yaml` in
+    configs/ablations/x.yaml works from the repository root and from anywhere else."""
+    if base is None:
+        return None
+    path = Path(base)
+    candidates = [path]
+    if sweep_file is not None and not path.is_absolute():
+        folder = sweep_file.resolve().parent
+        candidates += [d / path for d in (folder, *folder.parents)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    where = f"relative to {Path.cwd()}"
+    if len(candidates) > 1:
+        where += f", to {sweep_file.parent} or to a folder above it"
+    raise ConfigError(f"base config not found: {base} (looked {where})")
 
 
 def _check(sweep: Sweep) -> Sweep:
@@ -81,17 +98,10 @@ def _check(sweep: Sweep) -> Sweep:
         raise ConfigError(f"reference arm {sweep.reference!r} is not one of the arms: {', '.join(sweep.arms)}")
     for name, ovs in sweep.arms.items():
         try:
-            load_config(_base_path(sweep.base), [*sweep.overrides, *ovs])
+            load_config(sweep.base, [*sweep.overrides, *ovs])
         except ConfigError as err:
             raise ConfigError(f"arm {name!r}: {err}") from None
     return sweep
-
-
-def _base_path(base):
-    if base is None:
-        return None
-    path = Path(base)
-    return path if path.is_file() or path.is_absolute() else ROOT / path
 
 
 def _slug(name: str) -> str:
@@ -107,7 +117,7 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "metrics.json").is_file()
+        return (self.run_dir / rd.METRICS_FILE).is_file()
 
 
 def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
@@ -130,18 +140,22 @@ def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
     ]
 
 
-def _execute(run: Run, base: str | None, log) -> int:
-    """One run in its own process; resumes when an earlier attempt left checkpoints."""
+def fit_argv(run: Run, base: str | Path | None, resume: bool) -> list[str]:
+    """The command line of one run: this interpreter's installed package, not a checkout's scripts/."""
+    fit = [sys.executable, "-m", "moe_prefix", "fit"]
+    if resume:
+        return [*fit, "--resume", str(run.run_dir)]
+    return [*fit, *(["--config", str(base)] if base else []), *run.overrides]
+
+
+def _execute(run: Run, base: str | Path | None, log) -> int:
+    """One run in its own process (with the sweep's environment); resumes when an earlier attempt left
+    checkpoints."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    has_ckpt = any((run.run_dir / "checkpoints").glob("*.ckpt"))
-    if has_ckpt:
-        cmd = [sys.executable, str(ROOT / "scripts/fit.py"), "--resume", str(run.run_dir)]
-    else:
-        base_args = ["--config", str(_base_path(base))] if base else []
-        cmd = [sys.executable, str(ROOT / "scripts/fit.py"), *base_args, *run.overrides]
-    log(f"{'resume' if has_ckpt else 'start'} {run.arm} seed {run.seed}")
+    resume = rd.has_checkpoints(run.run_dir)
+    log(f"{'resume' if resume else 'start'} {run.arm} seed {run.seed}")
     with open(run.run_dir / "fit.log", "a") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(fit_argv(run, base, resume), stdout=out, stderr=subprocess.STDOUT)
     log(f"{'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'} {run.arm} seed {run.seed}")
     return proc.returncode
 
@@ -172,16 +186,12 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
     return summarise(sweep, out_dir)
 
 
-def _trainable(run_dir: Path) -> int:
-    return int(json.loads((run_dir / "metrics.json").read_text()).get("trainable_params", 0))
-
-
 def summarise(sweep: Sweep, out_dir: Path) -> Path:
     """runs.csv (one row per run), summary.csv/.md (one row per arm) and summary.png."""
     runs = [r for r in plan(sweep, out_dir) if r.done]
     rows = []
     for r in runs:
-        m = json.loads((r.run_dir / "metrics.json").read_text())
+        m = rd.read_metrics(r.run_dir)
         rows.append(
             {
                 "arm": r.arm,

@@ -1,11 +1,18 @@
-"""What the scripts share: turning expected errors into one line and an exit code, not a traceback."""
+"""The `moe-prefix` command: fit, evaluate, analyze, ablate, bench, prefetch.
+
+`main` parses the arguments (`moe-prefix`, `python -m moe_prefix` and the thin scripts/*.py all call it);
+every command turns expected errors into one line and exit code 2, not a traceback. Imports that pull in
+torch or transformers stay inside the command bodies.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
-from pathlib import Path
 
-from moe_prefix.train.run_config import ConfigError, config_from_dict, load_config
+from moe_prefix.train.run_config import ConfigError, load_config
 
 EXIT_USAGE = 2
 
@@ -15,7 +22,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from moe_prefix.train.assets import AssetError
     from moe_prefix.train.checkpointing import CheckpointError
     from moe_prefix.train.data import DataError
-    from moe_prefix.train.engine import NonFiniteLossError
+    from moe_prefix.train.module import NonFiniteLossError
 
     return (ConfigError, DataError, AssetError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
@@ -31,46 +38,44 @@ def run_cli(command, *args) -> int:
         return 130
 
 
-def load_run_config(run_dir: str | Path):
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    return config_from_dict(OmegaConf.to_container(OmegaConf.load(path)))
-
-
 SHOWN_METRICS = ("val/loss", "val/f1", "val/bleu", "val/rougeL")
 
 
-def _shown(key: str) -> bool:
-    """The metrics the scripts print (all of them go to the run directory)."""
-    return key.startswith("val/acc") or key in SHOWN_METRICS
+def _print_metrics(metrics: dict) -> None:
+    """The metrics the commands print (all of them go to the run directory)."""
+    for key, value in sorted(metrics.items()):
+        if key.startswith("val/acc") or key in SHOWN_METRICS:
+            print(f"{key}: {value:.4f}")
 
 
 def fit_command(config: str | None, overrides: list[str], resume: str | None) -> int:
+    from moe_prefix.train import run_dir as rd
+    from moe_prefix.train.engine import fit
+
     if resume:
         if config:
             raise ConfigError("use either --config or --resume RUN_DIR (the run directory holds its config)")
-        cfg = load_run_config(resume)
         if overrides:
             raise ConfigError("--resume continues a run as configured; overrides are not accepted")
+        cfg = rd.read_config(resume)
+        finished = rd.read_metrics(resume)
+        if finished is not None:  # resumed as configured, a finished run has nothing left to train
+            print(f"{resume} has already finished; nothing to resume. Its metrics:")
+            _print_summary(finished, resume)
+            return 0
     else:
         cfg = load_config(config, overrides)
-    from moe_prefix.train.engine import fit
-
     result = fit(cfg, resume=bool(resume))
-    if not result.metrics:  # a non-zero DDP process: process 0 reports
-        return 0
-    shown = {k: v for k, v in result.metrics.items() if _shown(k)}
-    for key, value in sorted(shown.items()):
-        print(f"{key}: {value:.4f}")
-    print(
-        f"trainable parameters: {result.metrics['trainable_params']:,}; "
-        f"training time: {result.metrics['train_time_s']} s"
-    )
-    print(f"run directory: {result.run_dir}")
+    if result.metrics:  # empty on a non-zero DDP process: process 0 reports
+        _print_summary(result.metrics, result.run_dir)
     return 0
+
+
+def _print_summary(m: dict, run_dir) -> None:
+    _print_metrics(m)
+    timing = f"; training time: {m['train_time_s']} s" if "train_time_s" in m else ""
+    print(f"trainable parameters: {m['trainable_params']:,}{timing}")
+    print(f"run directory: {run_dir}")
 
 
 def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = False) -> int:
@@ -78,44 +83,215 @@ def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = Fals
 
     no_prefix (generation runs): score the bare backbone on the run's split and prompts instead.
     """
-    import json
+    from moe_prefix.train.engine import evaluate_run
 
-    from moe_prefix.train import data as data_io
-    from moe_prefix.train.engine import TaskModule, evaluate_module, load_network
-
-    cfg = load_run_config(run_dir)
-    if cfg.model.task == "generation":
-        return _evaluate_generation_command(run_dir, data_file, no_prefix)
-    if no_prefix:
-        raise ConfigError("--no-prefix applies to generation runs only (a classifier needs its trained head)")
-    cfg, data, network = load_network(run_dir, cfg)
-    module = TaskModule(network, cfg, data.num_classes, data.group_names)
-    loader, name = None, "val"
-    if data_file:
-        d = cfg.data
-        examples = data_io.load_examples(data_file, d.text_column, d.label_column, d.group_column)
-        data_io.check_labels(data.train_examples, examples)
-        loader, name = data.eval_loader(data.encode_examples(examples)), Path(data_file).stem
-    metrics = evaluate_module(module, data, cfg, loader)
-    out = Path(run_dir) / f"eval-{name}.json"
-    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    for key, value in sorted(metrics.items()):
-        if key.startswith("val/acc") or key in ("val/loss", "val/f1"):
-            print(f"{key}: {value:.4f}")
-    print(f"metrics written to {out}")
+    result = evaluate_run(run_dir, data_file, no_prefix)
+    _print_metrics(result.metrics)
+    print(f"metrics written to {result.path}")
     return 0
 
 
-def _evaluate_generation_command(run_dir: str, data_file: str | None, no_prefix: bool) -> int:
-    from moe_prefix.train.generation import evaluate_generation
+def analyze_command(run_dir: str, max_examples: int | None) -> int:
+    from moe_prefix.analysis.report import analyze_run
 
-    if data_file:
-        raise ConfigError("--data is not supported for generation runs; they evaluate on their validation split")
-    metrics = evaluate_generation(run_dir, no_prefix=no_prefix)
-    for key, value in sorted(metrics.items()):
-        if _shown(key):
-            print(f"{key}: {value:.4f}")
-    name = "val-noprefix" if no_prefix else "val"
-    run = Path(run_dir)
-    print(f"metrics written to {run / f'eval-{name}.json'}, samples to {run / f'samples-{name}.jsonl'}")
+    print(f"report written to {analyze_run(run_dir, max_examples=max_examples)}")
     return 0
+
+
+def ablate_command(args: argparse.Namespace) -> int:
+    from moe_prefix.tools.ablate import load_sweep, run_sweep, sweep_from_grid
+
+    if args.sweep_file:
+        sweep = load_sweep(args.sweep_file)
+        if args.seeds:
+            sweep.seeds = args.seeds
+        sweep.overrides += args.set
+    elif args.sweep:
+        sweep = sweep_from_grid(args.base, args.sweep, args.seeds or [0, 1, 2], args.set)
+    else:
+        raise ConfigError("give a sweep file or --sweep key=v1,v2 (with --base CONFIG)")
+    summary = run_sweep(sweep, args.out, workers=args.workers)
+    print(summary.read_text())
+    print(f"summary written to {summary}")
+    return 0
+
+
+def _offline_unless_asked() -> None:
+    """HF_HUB_OFFLINE=1 unless the caller set it: the benchmark times local models, never a hub request."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    # huggingface_hub read the variable when `import moe_prefix` loaded transformers, before any command ran.
+    constants.HF_HUB_OFFLINE = True
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    _offline_unless_asked()
+    from moe_prefix.tools.benchmark import BenchConfig, format_markdown, format_report, run
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    given = {
+        "encoder": args.encoder,
+        "decoder": "smollm2-135m" if args.smollm else args.decoder,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "dtype": args.dtype,
+        "clock": args.clock,
+    }
+    cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not args.no_memory)
+    if args.quick:
+        cfg = cfg.quick()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    results = run(cfg, log=log)
+    results["command"] = args.command_line
+    print(format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        log(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(results) + "\n")
+        log(f"wrote {args.markdown}")
+    return 0
+
+
+def prefetch_command(aliases: list[str]) -> int:
+    from moe_prefix.train import assets
+
+    print(f"cache: {assets.cache_dir()}")
+    for alias, path in assets.prefetch_all(aliases or None).items():
+        print(f"{alias}: {path}")
+    return 0
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+PROG = "moe-prefix"
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _asset_alias(text: str) -> str:
+    from moe_prefix.train import assets
+
+    if text not in assets.ARTEFACTS:
+        raise argparse.ArgumentTypeError(f"unknown alias {text!r}; choose from {', '.join(assets.ARTEFACTS)}")
+    return text
+
+
+def _fit_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="config overrides such as prefix.top_k=2 trainer.max_steps=50")
+    p.set_defaults(run=lambda a: run_cli(fit_command, a.config, a.overrides, a.resume))
+
+
+def _evaluate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory written by `fit`")
+    p.add_argument("--data", help="a .csv/.tsv/.jsonl file with the run's columns (default: its validation split)")
+    p.add_argument(
+        "--no-prefix",
+        action="store_true",
+        help="generation runs: score the bare backbone on the run's split and prompts (the zero-shot reference)",
+    )
+    p.set_defaults(run=lambda a: run_cli(evaluate_command, a.run_dir, a.data, a.no_prefix))
+
+
+def _analyze_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory written by `fit`")
+    p.add_argument(
+        "--max-examples",
+        type=_count,
+        default=512,
+        help="validation examples run through the model for λ and key distances (default 512; 0: all)",
+    )
+    p.set_defaults(run=lambda a: run_cli(analyze_command, a.run_dir, a.max_examples or None))
+
+
+def _ablate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_file", nargs="?", help="YAML sweep such as configs/ablations/headline.yaml")
+    p.add_argument("--base", help="base config for --sweep (relative to the current directory)")
+    p.add_argument("--sweep", nargs="*", default=[], metavar="KEY=V1,V2", help="grid of values to sweep")
+    p.add_argument("--seeds", nargs="*", type=int, help="seeds (default: the file's, else 0 1 2)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every arm")
+    p.add_argument("--workers", type=int, default=1, help="runs side by side (each in its own process)")
+    p.add_argument("--out", required=True, help="sweep folder: one run directory per arm and seed")
+    p.set_defaults(run=lambda a: run_cli(ablate_command, a))
+
+
+def _bench_parser(p: argparse.ArgumentParser) -> None:
+    # Defaults of None fall back to BenchConfig's, which bench_command imports (torch) only when it runs.
+    p.add_argument("--json", metavar="PATH", help="write every figure and ratio as JSON here")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown here")
+    p.add_argument("--quick", action="store_true", help="two repetitions: a smoke test, not a measurement")
+    p.add_argument("--smollm", action="store_true", help="decoder: smollm2-135m instead of the wide tiny Llama")
+    p.add_argument("--encoder", help="asset alias or local folder (default: minilm)")
+    p.add_argument("--decoder", help="wide-llama (default), tiny-llama, an alias or a folder")
+    p.add_argument("--reps", type=int, help="timed repetitions per arm (default 7)")
+    p.add_argument("--warmup", type=int, help="untimed repetitions first (default 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the profiled peak-memory call per arm")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        help="clock of the headline ratios (default wall; both are recorded); cpu: process CPU time, steadier "
+        "on a shared machine",
+    )
+    p.add_argument("--device", help="default cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32")
+    p.set_defaults(run=lambda a: run_cli(bench_command, a))
+
+
+def _prefetch_parser(p: argparse.ArgumentParser) -> None:
+    from moe_prefix.train import assets  # the standard library only
+
+    p.add_argument(
+        "aliases",
+        nargs="*",
+        type=_asset_alias,
+        metavar="ALIAS",
+        help=f"assets to fetch (default: all of {', '.join(assets.ARTEFACTS)})",
+    )
+    p.set_defaults(run=lambda a: run_cli(prefetch_command, a.aliases))
+
+
+COMMANDS = {
+    "fit": (_fit_parser, "train one run: --config FILE [key=value ...] | --resume RUN_DIR"),
+    "evaluate": (_evaluate_parser, "score a finished run on its validation split or on another file"),
+    "analyze": (_analyze_parser, "write RUN_DIR/analysis/report.md with its figures"),
+    "ablate": (_ablate_parser, "run an ablation sweep (arms x seeds) and summarise it; restarts where it stopped"),
+    "bench": (_bench_parser, "benchmark prefix methods: ms/step, tokens/s, peak memory (docs/benchmarks.md)"),
+    "prefetch": (_prefetch_parser, "fetch the pinned offline assets into the cache (then copy it elsewhere)"),
+}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """prog, when given, names every command's program (scripts/X.py give theirs); else `moe-prefix X`."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (add_arguments, summary) in COMMANDS.items():
+        p = commands.add_parser(name, prog=prog or f"{PROG} {name}", help=summary, description=summary)
+        add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`moe-prefix COMMAND [options]`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    # What bench records to reproduce its figures: the command as typed, after the subcommand name.
+    args.command_line = " ".join([prog or f"{PROG} {args.command}", *argv[argv.index(args.command) + 1 :]])
+    return args.run(args)

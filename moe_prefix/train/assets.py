@@ -133,11 +133,6 @@ def _is_complete(folder: Path, names: tuple[str, ...]) -> bool:
     return all((folder / name).is_file() for name in names)
 
 
-def is_cached(alias: str) -> bool:
-    art = _artefact(alias)
-    return _is_complete(cache_dir() / alias, art.members)
-
-
 # ---------------------------------------------------------------------------------------------------
 # download, verify, extract
 

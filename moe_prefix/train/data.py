@@ -1,8 +1,10 @@
-"""Tabular data loading: built-in pinned datasets and the user's own CSV / TSV / JSONL files.
+"""Tabular data loading: built-in pinned datasets, the user's own CSV / TSV / JSONL files, and 🤗 `datasets`
+sources (a parquet file, a `save_to_disk` folder, a hub id `hf:NAME[/CONFIG]`).
 
 Why a module of its own: every run starts here, and a bad file should fail in one readable line
 (which file, which line, which column, which option to set) before any model loads. Nothing here
 knows about Lightning or tokenizers; it returns plain Python records that the training side batches.
+Every source, whoever reads it, ends in the same row -> example checks, so the errors are the same.
 
 Two record shapes:
 - classification: `TextExample(id, text, label, group)`; `group` is the domain a router may learn
@@ -17,6 +19,7 @@ to class indices in a deterministic order.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -175,38 +178,94 @@ def _require_column(column: str, columns: Iterable[str], option: str, where: str
         raise DataError(f"{where}: no column {column!r} (columns present: {present}); set {option}")
 
 
+def _preview(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_text(text: Any, where: str, line_no: int | str, column: str) -> str:
+    """The text of a row; None or a non-string (a JSON object, a number) is an error, not str()-ed."""
+    if text is None:
+        raise DataError(f"{where}:{line_no}: no value in text column {column!r}")
+    if not isinstance(text, str):
+        raise DataError(
+            f"{where}:{line_no}: text column {column!r} holds a {type(text).__name__} ({_preview(text)}); "
+            "expected a string"
+        )
+    return text
+
+
+def _group_name(value: Any, where: str, line_no: int | str, column: str) -> str | None:
+    """A group value as a name; None for an empty one. Numbers name groups too (domain ids)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    raise DataError(
+        f"{where}:{line_no}: group column {column!r} holds a {type(value).__name__} ({_preview(value)}); "
+        "expected a string or an integer"
+    )
+
+
+def _warn_empty_texts(where: str, count: int, total: int, column: str, dropped: bool) -> None:
+    if not count:
+        return
+    fate = "dropped (data.drop_empty_texts=true)" if dropped else "kept (set data.drop_empty_texts=true to drop them)"
+    warnings.warn(
+        f"{where}: {count} of {total} rows have an empty text in column {column!r}; they were {fate}", stacklevel=3
+    )
+
+
 def _to_examples(
-    rows: Iterable[tuple[int, dict]],
+    rows: Iterable[tuple[int | str, dict]],
     where: str,
     text_column: str,
     label_column: str,
     group_column: str | None,
     label_fn: Callable[[Any], Any] | None,
+    drop_empty_texts: bool = False,
 ) -> list[TextExample]:
     wanted = [(text_column, "data.text_column"), (label_column, "data.label_column")]
     if group_column is not None:
         wanted.append((group_column, "data.group_column"))
     examples: list[TextExample] = []
     seen: set[str] = set()
-    for index, (line_no, row) in enumerate(rows):
+    empty_texts = empty_groups = index = 0
+    for index, (line_no, row) in enumerate(rows, start=1):
         for column, option in wanted:  # JSONL records may differ, so every row is checked
             _require_column(column, row.keys(), option, where)
-        text, raw_label = row[text_column], row[label_column]
-        if text is None:
-            raise DataError(f"{where}:{line_no}: no value in text column {text_column!r}")
+        text = _check_text(row[text_column], where, line_no, text_column)
+        raw_label = row[label_column]
         try:
             label = _parse_label(raw_label, label_fn)
         except Exception as err:  # label_fn is the user's code: any failure is a data error here
             raise DataError(
-                f"{where}:{line_no}: cannot parse label {raw_label!r} in column {label_column!r} ({err})"
+                f"{where}:{line_no}: cannot parse label {_preview(raw_label)} in column {label_column!r} ({err})"
             ) from None
-        example_id = str(row["id"]) if row.get("id") not in (None, "") else str(index)
+        # positional ids count every row, dropped or not, so ids do not shift with data.drop_empty_texts
+        example_id = str(row["id"]) if row.get("id") not in (None, "") else str(index - 1)
         if example_id in seen:
             raise DataError(f"{where}:{line_no}: duplicate id {example_id!r}; ids must be unique")
         seen.add(example_id)
-        group = row[group_column] if group_column is not None else None
-        examples.append(TextExample(example_id, str(text), label, None if group is None else str(group)))
+        group = _group_name(row[group_column], where, line_no, group_column) if group_column is not None else None
+        empty_groups += group_column is not None and group is None
+        if not text.strip():
+            empty_texts += 1
+            if drop_empty_texts:
+                continue
+        examples.append(TextExample(example_id, text, label, group))
+    _warn_empty_texts(where, empty_texts, index, text_column, drop_empty_texts)
+    if empty_groups:
+        warnings.warn(
+            f"{where}: {empty_groups} of {index} rows have no value in group column {group_column!r}; "
+            "they belong to no group (they count in val/acc but in no val/acc/<group>)",
+            stacklevel=2,
+        )
     if not examples:
+        if empty_texts:
+            raise DataError(f"{where}: no examples left: all {empty_texts} texts are empty")
         raise DataError(f"{where}: no examples (only a header or blank lines)")
     return examples
 
@@ -219,21 +278,192 @@ def _resolve_file(source: str | Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------
+# 🤗 datasets: parquet files, save_to_disk folders, hub ids
+#
+# Read by the `datasets` library, then handed row by row to the checks above (the same one-line errors).
+# A DatasetDict (a saved folder or a hub dataset) has named splits; callers choose one with `split`.
+
+HUB_PREFIX = "hf:"
+SUPPORTED = ".csv, .tsv, .jsonl, .parquet, a save_to_disk folder, hf:NAME[/CONFIG] or a built-in dataset"
+
+
+def is_hub_id(source: str | Path) -> bool:
+    return str(source).startswith(HUB_PREFIX)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by DatasetDict.save_to_disk (dataset_dict.json) or Dataset.save_to_disk (state.json)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def uses_datasets(source: str | Path) -> bool:
+    """Whether `source` is read through the datasets library rather than this module's own readers."""
+    path = Path(source)
+    return is_hub_id(source) or path.suffix == ".parquet" or is_saved_dataset(path)
+
+
+def hub_candidates(source: str) -> list[tuple[str, str | None]]:
+    """The (dataset id, config) readings of `hf:NAME`, `hf:NAME/CONFIG` or `hf:OWNER/NAME/CONFIG`.
+
+    `hf:a/b` is either the dataset `a/b` or the dataset `a` with config `b` (the old canonical ids, such
+    as `glue/sst2`); only the hub knows which, so both are returned, the dataset id first.
+    """
+    parts = source.removeprefix(HUB_PREFIX).split("/")
+    if not all(p.strip() for p in parts) or len(parts) > 3:
+        raise DataError(f"{source!r} is not a hub dataset id: use hf:NAME, hf:NAME/CONFIG or hf:OWNER/NAME/CONFIG")
+    if len(parts) == 1:
+        return [(parts[0], None)]
+    if len(parts) == 3:
+        return [("/".join(parts[:2]), parts[2])]
+    return [("/".join(parts), None), (parts[0], parts[1])]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+@functools.lru_cache(maxsize=4)  # one run reads a hub dataset's splits and each split: download and load once
+def _load_hub(source: str):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub import constants
+
+    offline = constants.is_offline_mode()
+    unreachable = False
+    for name, config in hub_candidates(source):
+        try:
+            return datasets.load_dataset(name, config)
+        except DatasetNotFoundError:
+            continue
+        except ConnectionError:  # offline without a cached copy, or no network
+            unreachable = True
+            if not offline:  # a network failure takes retries; the other reading would fail the same way
+                break
+        except Exception as err:  # e.g. a missing or unknown config: datasets names the valid ones
+            raise DataError(f"{source}: cannot load it from the hub ({_first_line(err)})") from None
+    if unreachable:
+        why = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise DataError(
+            f"{source}: the Hugging Face hub is unreachable{why} and no copy is cached here; where the hub is "
+            "reachable, save it with datasets.load_dataset(...).save_to_disk(FOLDER), copy FOLDER here and set "
+            "data.source=FOLDER"
+        )
+    readings = hub_candidates(source)
+    tried = " and ".join(name if config is None else f"{name} (config {config})" for name, config in readings)
+    raise DataError(f"{source}: no such dataset on the hub (tried {tried}); check the id")
+
+
+def _open_dataset(source: str | Path):
+    """The Dataset or DatasetDict behind a parquet file, a save_to_disk folder or a hub id."""
+    import datasets
+
+    if is_hub_id(source):
+        return _load_hub(str(source))
+    path = Path(source)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        import pyarrow.parquet
+
+        try:  # the footer first: datasets would log its own error lines before failing on a broken file
+            pyarrow.parquet.read_metadata(path)
+        except Exception as err:
+            raise DataError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
+        return datasets.Dataset.from_parquet(str(path))
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: cannot read this save_to_disk folder ({_first_line(err)})") from None
+
+
+def source_splits(source: str | Path) -> list[str]:
+    """The split names of a DatasetDict source (a saved folder or a hub id); [] for a single table or file."""
+    import datasets
+
+    if not uses_datasets(source):
+        return []
+    opened = _open_dataset(source)
+    return list(opened) if isinstance(opened, datasets.DatasetDict) else []
+
+
+def _dataset_table(source: str | Path, split: str | None):
+    """The table to read (`source` itself, or its split `split`) and how error messages name it."""
+    import datasets
+
+    opened = _open_dataset(source)
+    if not isinstance(opened, datasets.DatasetDict):
+        return opened, str(source)
+    present = ", ".join(opened) or "none"
+    if split is None:
+        raise DataError(f"{source} holds several splits ({present}); name one with data.train_split / data.val_split")
+    if split not in opened:
+        raise DataError(
+            f"{source}: no split {split!r} (splits present: {present}); set data.train_split / data.val_split"
+        )
+    return opened[split], f"{source}[{split}]"
+
+
+def _table_rows(table, columns: list[str]) -> Iterator[tuple[str, dict]]:
+    """("row i", row) pairs of the given columns, ClassLabel integers given as their names."""
+    from datasets import ClassLabel
+
+    names = {c: table.features[c].names for c in columns if isinstance(table.features[c], ClassLabel)}
+    for i, row in enumerate(table.select_columns(columns)):
+        for column, class_names in names.items():
+            value = row[column]
+            if isinstance(value, int) and 0 <= value < len(class_names):  # -1 marks "no label" (hub test splits)
+                row[column] = class_names[value]
+        yield f"row {i}", row
+
+
+def _dataset_rows(
+    source: str | Path, split: str | None, wanted: list[tuple[str, str]]
+) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """Where (for messages) and the rows of a datasets source; `wanted` (column, option) are checked first."""
+    table, where = _dataset_table(source, split)
+    for column, option in wanted:
+        _require_column(column, table.column_names, option, where)
+    if len(table) == 0:
+        raise DataError(f"{where}: no examples (the table has no rows)")
+    columns = list(dict.fromkeys(c for c, _ in wanted))
+    if "id" in table.column_names and "id" not in columns:
+        columns.append("id")
+    return where, _table_rows(table, columns)
+
+
+# ---------------------------------------------------------------------------------------------------
+# classification examples from any source
+
+
 def load_examples(
     source: str | Path,
     text_column: str = "text",
     label_column: str = "label",
     group_column: str | None = None,
     label_fn: Callable[[Any], Any] | None = None,
+    split: str | None = None,
+    drop_empty_texts: bool = False,
 ) -> list[TextExample]:
-    """Classification examples from a built-in alias (`vader_domains`) or a .csv / .tsv / .jsonl file.
+    """Classification examples from a built-in alias (`vader_domains`), a .csv / .tsv / .jsonl / .parquet
+    file, a `save_to_disk` folder or a hub id (`hf:NAME[/CONFIG]`).
 
     Columns are chosen by name. A column named `id`, when present, gives the example ids; otherwise
     the row's position does. The VADER loader exposes the columns id, text, label, score, group, so
-    the same config keys select from it as from a file. `label_fn` maps the raw cell to a label.
+    the same config keys select from it as from a file. `label_fn` maps the raw cell to a label;
+    ClassLabel columns of a datasets source give their names. `split` picks the split of a source that
+    has several (a DatasetDict); other sources ignore it. Rows whose text is empty are counted in a
+    warning, and left out with `drop_empty_texts`.
     """
     if str(source) == "e2e_nlg":
         raise DataError("e2e_nlg is a generation dataset: load it with load_e2e, not load_examples")
+    wanted = [(text_column, "data.text_column"), (label_column, "data.label_column")]
+    if group_column is not None:
+        wanted.append((group_column, "data.group_column"))
+    if uses_datasets(source):
+        where, rows = _dataset_rows(source, split, wanted)
+        return _to_examples(rows, where, text_column, label_column, group_column, label_fn, drop_empty_texts)
     path = _resolve_file(source)
     where = str(path)
     if str(source) == "vader_domains":
@@ -244,14 +474,14 @@ def load_examples(
         columns, rows = _csv_rows(path, "\t")
     elif path.suffix == ".jsonl":
         columns, rows = None, _jsonl_rows(path)
+    elif path.is_dir():
+        raise DataError(f"{path} is a folder but not one written by save_to_disk (no dataset_dict.json or state.json)")
     else:
-        raise DataError(f"unsupported data file {path}: use .csv, .tsv, .jsonl or a built-in dataset")
+        raise DataError(f"unsupported data file {path}: use {SUPPORTED}")
     if columns is not None:  # fail on a wrong column name before reading any row
-        _require_column(text_column, columns, "data.text_column", where)
-        _require_column(label_column, columns, "data.label_column", where)
-        if group_column is not None:
-            _require_column(group_column, columns, "data.group_column", where)
-    return _to_examples(rows, where, text_column, label_column, group_column, label_fn)
+        for column, option in wanted:
+            _require_column(column, columns, option, where)
+    return _to_examples(rows, where, text_column, label_column, group_column, label_fn, drop_empty_texts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,6 +511,66 @@ def load_e2e(path: str | Path = "e2e_nlg") -> list[dict]:
     if not grouped:
         raise DataError(f"{path}: no examples")
     return [{"id": f"e2e-{i}", "input": inp, "targets": targets} for i, (inp, targets) in enumerate(grouped.items())]
+
+
+def _group_references(
+    rows: Iterable[tuple[int | str, dict]],
+    where: str,
+    input_column: str,
+    target_column: str,
+    drop_empty_texts: bool = False,
+) -> list[dict]:
+    """Rows {input, target} -> records {id, input, targets}; a target is a string or a list of strings."""
+    grouped: dict[str, dict] = {}
+    empty = total = 0
+    for line_no, row in rows:
+        total += 1
+        _require_column(input_column, row.keys(), "data.text_column", where)
+        _require_column(target_column, row.keys(), "data.label_column", where)
+        text, target = row[input_column], row[target_column]
+        targets = [target] if isinstance(target, str) else target
+        if not isinstance(text, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise DataError(f"{where}:{line_no}: expected a string input and a string (or list of strings) target")
+        if not text.strip():
+            empty += 1
+            if drop_empty_texts:
+                continue
+        record = grouped.setdefault(text, {"id": str(row.get("id", len(grouped))), "input": text, "targets": []})
+        record["targets"].extend(targets)
+    _warn_empty_texts(where, empty, total, input_column, drop_empty_texts)
+    if not grouped:
+        raise DataError(f"{where}: no examples" + (f" left: all {empty} inputs are empty" if empty else ""))
+    return list(grouped.values())
+
+
+def load_generation_records(
+    source: str | Path,
+    input_column: str = "input",
+    target_column: str = "target",
+    split: str | None = None,
+    drop_empty_texts: bool = False,
+) -> list[dict]:
+    """Generation records {id, input, targets}: one per distinct input, all its references together.
+
+    `source` is `e2e_nlg` (or a BIG-bench task.json / its folder), a .jsonl or .parquet file, a
+    `save_to_disk` folder or a hub id (`hf:NAME[/CONFIG]`) whose rows hold an input and a target (a string
+    or a list of strings); rows that repeat an input add references. `split` picks the split of a source
+    that has several. Generation data has no group column: data.group_column is not read.
+    """
+    if uses_datasets(source):
+        wanted = [(input_column, "data.text_column"), (target_column, "data.label_column")]
+        where, rows = _dataset_rows(source, split, wanted)
+        return _group_references(rows, where, input_column, target_column, drop_empty_texts)
+    path = assets.resolve_dataset(source)
+    if str(source) == "e2e_nlg" or path.is_dir() or path.suffix == ".json":
+        return load_e2e(source)
+    if path.suffix != ".jsonl":
+        raise DataError(
+            f"unsupported generation data {source}: use e2e_nlg, a BIG-bench task.json, .jsonl, .parquet, "
+            "a save_to_disk folder or hf:NAME[/CONFIG]"
+        )
+    path = _resolve_file(path)
+    return _group_references(_jsonl_rows(path), str(path), input_column, target_column, drop_empty_texts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,6 +613,16 @@ def build_label_vocab(train_examples: Iterable[TextExample]) -> dict[Label, int]
     """Label -> class index, sorted (ints numerically, then strings), so it never depends on row order."""
     labels = sorted({ex.label for ex in train_examples}, key=_label_order)
     return {label: i for i, label in enumerate(labels)}
+
+
+def check_classes(train: Iterable[TextExample], label_column: str) -> None:
+    """Fail when the training labels hold fewer than two classes: there is nothing to tell apart."""
+    labels = sorted({ex.label for ex in train}, key=_label_order)
+    if len(labels) < 2:
+        raise DataError(
+            f"the training data has a single class ({labels[0]!r}) in column {label_column!r}; classification "
+            "needs at least two: check data.label_column, or the split (data.val_fraction, data.max_train_examples)"
+        )
 
 
 def check_labels(train: Iterable[TextExample], val: Iterable[TextExample]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import data as data_io
-from .run_config import RunConfig
+from .run_config import DataConfig, RunConfig
 
 
 @dataclass
@@ -88,42 +89,107 @@ def load_tokenizer(path):
     return tokenizer
 
 
-class ClassificationData(L.LightningDataModule):
-    """Text classification from a built-in dataset or the user's CSV/TSV/JSONL file."""
+class TrainData(L.LightningDataModule):
+    """What every task's data shares: load once, a resumable seeded training order, `collate`."""
 
     def __init__(self, cfg: RunConfig, tokenizer):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.loaded = False
+        self.train_set: list[Encoded] = []
 
     def load(self) -> None:
         """Read, split and tokenise once; safe to call again."""
+        raise NotImplementedError
+
+    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """A training batch of encoded examples."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def first_training_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """The first n training examples as one batch (their keys/values seed banks with prefix.init=tokens)."""
+        return self.collate(self.train_set[:n])
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(len(self.train_set), self.cfg.seed, self._resumed_examples, rank, world)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.data.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def _resumed_examples(self) -> int:
+        """Examples of the current epoch a resumed run already trained on (0 for a fresh run).
+
+        Called when the first epoch's iterator is made, after Lightning restored the step counter.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        global_batch = self.cfg.data.batch_size * trainer.world_size  # the sampler is sharded across processes
+        per_epoch = -(-len(self.train_set) // global_batch)
+        return (trainer.global_step % per_epoch) * global_batch
+
+    def eval_loader(self, items: list, collate=None) -> DataLoader:
+        """Evaluation batches in split order (`collate` defaults to the training one)."""
+        d = self.cfg.data
+        return DataLoader(
+            items,
+            batch_size=d.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate or self.collate,
+            num_workers=d.num_workers,
+        )
+
+
+def read_train_val(d: DataConfig, read: Callable[[str, str | None], list], split: Callable) -> tuple[list, list]:
+    """Training and validation items of any task: data.val_source when given, else the source's own
+    validation split (data.val_split of a DatasetDict or hub dataset), else a seeded split of the source.
+
+    read(source, split_name) loads one source; split(items, fraction, seed) is the task's seeded split.
+    """
+    if d.val_source:
+        return read(d.source, d.train_split), read(d.val_source, d.val_split)
+    if d.val_split is not None and d.val_split in data_io.source_splits(d.source):
+        return read(d.source, d.train_split), read(d.source, d.val_split)
+    return split(read(d.source, d.train_split), d.val_fraction, d.split_seed)
+
+
+class ClassificationData(TrainData):
+    """Text classification from a built-in dataset, the user's file or folder, or a hub dataset."""
+
+    def load(self) -> None:
         if self.loaded:
             return
         d = self.cfg.data
-        read = lambda src: data_io.load_examples(src, d.text_column, d.label_column, d.group_column)  # noqa: E731
-        examples = read(d.source)
-        if d.val_source:
-            train, val = examples, read(d.val_source)
-        else:
-            train, val = data_io.train_val_split(examples, d.val_fraction, d.split_seed)
+
+        def read(source: str, split: str | None) -> list[data_io.TextExample]:
+            columns = (d.text_column, d.label_column, d.group_column)
+            return data_io.load_examples(source, *columns, split=split, drop_empty_texts=d.drop_empty_texts)
+
+        train, val = read_train_val(d, read, data_io.train_val_split)
         train = subsample(train, d.max_train_examples, d.split_seed)
         val = subsample(val, d.max_val_examples, d.split_seed)
+        data_io.check_classes(train, d.label_column)
         data_io.check_labels(train, val)
         self.train_examples, self.val_examples = train, val
         self.label_vocab = data_io.build_label_vocab(train)
         groups = sorted({ex.group for ex in train + val if ex.group is not None})
         self.group_names = groups
         self.group_vocab = {g: i for i, g in enumerate(groups)}
-        self.train_set = self._encode(train)
-        self.val_set = self._encode(val)
+        self.train_set = self.encode_examples(train)
+        self.val_set = self.encode_examples(val)
         self.loaded = True
 
     def encode_examples(self, examples) -> list[Encoded]:
-        """Tokenise other examples (evaluate.py on another file) with this run's label/group vocabularies."""
-        return self._encode(examples)
-
-    def _encode(self, examples) -> list[Encoded]:
+        """Tokenise examples with this run's label and group vocabularies (also other files, at evaluation)."""
         max_len = self.cfg.model.max_length
         ids = self.tokenizer([ex.text for ex in examples], truncation=False)["input_ids"]
         too_long = sum(len(x) > max_len for x in ids)
@@ -146,47 +212,11 @@ class ClassificationData(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.label_vocab)
 
-    def setup(self, stage: str | None = None) -> None:
-        self.load()
-
-    def _collate(self, items):
+    def collate(self, items):
         return pad_batch(items, self.tokenizer.pad_token_id)
-
-    def train_dataloader(self):
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = EpochSampler(len(self.train_set), self.cfg.seed, self._resumed_examples, rank, world)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.cfg.data.batch_size,
-            sampler=sampler,
-            collate_fn=self._collate,
-            num_workers=self.cfg.data.num_workers,
-        )
-
-    def _resumed_examples(self) -> int:
-        """Examples of the current epoch a resumed run already trained on (0 for a fresh run).
-
-        Called when the first epoch's iterator is made, after Lightning restored the step counter.
-        """
-        trainer = self.trainer
-        if trainer is None or trainer.global_step == 0:
-            return 0
-        global_batch = self.cfg.data.batch_size * trainer.world_size  # the sampler is sharded across processes
-        per_epoch = -(-len(self.train_set) // global_batch)
-        return (trainer.global_step % per_epoch) * global_batch
 
     def val_dataloader(self):
         return self.eval_loader(self.val_set)
-
-    def eval_loader(self, encoded: list[Encoded]) -> DataLoader:
-        return DataLoader(
-            encoded,
-            batch_size=self.cfg.data.eval_batch_size,
-            shuffle=False,
-            collate_fn=self._collate,
-            num_workers=self.cfg.data.num_workers,
-        )
 
 
 def subsample(items: list, n: int | None, seed: int) -> list:

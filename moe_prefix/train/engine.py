@@ -1,14 +1,18 @@
-"""Training: the LightningModule shared by every method, and `fit(cfg)`, the one entry point.
+"""The run loop: `fit(cfg)` trains one run of any task and writes its run directory; `evaluate_run` and
+`load_run` read a finished one back.
 
-Scripts, notebooks, tests and the ablation runner all call `fit(cfg)`; there is no second loop.
-Axes: b - batch, e - experts, k - banks per input, c - classes.
+Scripts, the command line, notebooks, tests and the ablation runner all call these; there is no second
+loop. A task (`classification`, `generation`) supplies data, network, validation and per-example results
+(see `module.Task`); how a run starts, trains, checkpoints, resumes, validates and writes its files is
+the same for both and lives here. Every check (config, sources, data, backbone) runs before anything is
+written to disk.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import logging
 import math
 import time
 import warnings
@@ -17,208 +21,126 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import load_file, save_file
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from moe_prefix.analysis.routing_stats import detect_collapse
+from . import classification, generation
+from . import run_dir as rd
+from .checkpointing import SafetensorsCheckpointIO
+from .module import Built, NonFiniteLossError, PrefixTrainingModule, Task
+from .run_config import ConfigError, RunConfig, check_sources
 
-from . import assets
-from .checkpointing import SafetensorsCheckpointIO, check_compatible
-from .datamodule import ClassificationData, load_tokenizer
-from .networks import SequenceClassifier, trainable_state_dict
-from .run_config import ConfigError, RunConfig, check_sources, save_config, to_dict
-
-WEIGHTS_FILE = "adapter.safetensors"
-ROUTING_FILE = "routing.csv"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.yaml"
+INTERRUPT_CHECKPOINT = "interrupted.ckpt"  # written on Ctrl-C or a crash, next to Lightning's last.ckpt
+TASKS: dict[str, Task] = {"classification": classification, "generation": generation}
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict[str, float]  # empty on a non-zero DDP process (process 0 reports)
 
 
-def routing_summary(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
-    """Mean per-example routing entropy (nats) and each expert's share of routing slots."""
-    w = weights.float().clamp_min(1e-12)
-    entropy = -(weights.float() * w.log()).sum(-1).mean()
-    load = F.one_hot(indices, num_experts).float().sum((0, 1)) / indices.numel()
-    return {"entropy": entropy, "load": load}
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    path: Path  # the eval-<name>.json written
+    name: str  # val, val-noprefix or the evaluated file's stem
 
 
-class PrefixTrainingModule(L.LightningModule):
-    """What every task shares: per-step seeds, logged routing statistics, the optimiser and schedule,
-    and checkpoints that hold only trainable tensors. Subclasses define `model_step` and validation."""
-
-    def __init__(self, network, cfg: RunConfig):
-        super().__init__()
-        self.network, self.cfg = network, cfg
-        # The frozen backbone is left out of checkpoints, so loading them must not require it.
-        self.strict_loading = False
-        self.val_loss = MeanMetric()
-        self.rows: list[dict] = []
-
-    @property
-    def num_experts(self) -> int:
-        return self.cfg.prefix.num_experts
-
-    def model_step(self, batch):
-        """Per-example losses (b) and the network output for a batch."""
-        raise NotImplementedError
-
-    def on_train_batch_start(self, batch, batch_idx):
-        # Randomness (dropout, router noise) is a function of the step alone, so a resumed run
-        # draws exactly what an uninterrupted one would have drawn.
-        torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
-
-    def training_step(self, batch, batch_idx):
-        losses, out = self.model_step(batch)
-        loss = losses.mean()
-        total = loss
-        b = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        if out.routing is not None:
-            r = out.routing
-            total = loss + r.aux_loss
-            summary = routing_summary(r.weights, r.indices, self.num_experts)
-            self.log_dict(
-                {
-                    "train/aux_loss": r.aux_loss,
-                    "train/balance_loss": r.balance_loss,
-                    "train/z_loss": r.z_loss,
-                    "train/length_cost": r.length_cost,
-                    "train/router_entropy": summary["entropy"],
-                    "train/prefix_len": r.lengths.mean(),
-                    **{f"train/load/e{i}": v for i, v in enumerate(summary["load"])},
-                },
-                batch_size=b,
-                sync_dist=True,  # routing statistics over the global batch under DDP
-            )
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(
-                f"non-finite loss {total.item()} at step {self.global_step}; the last good checkpoint is kept. "
-                "Lower optim.lr or check the data."
-            )
-        return total
-
-    def configure_optimizers(self):
-        o = self.cfg.optim
-        head = [p for n, p in self.network.named_parameters() if p.requires_grad and n.startswith("head.")]
-        rest = [p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        groups = [{"params": rest, "lr": o.lr}]
-        if head:
-            groups.append({"params": head, "lr": o.head_lr or o.lr})
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
-        if o.schedule == "constant":
-            return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        if total < 4:  # too short for a warm-up phase (OneCycleLR divides by its length)
-            return optimizer
-        max_lrs = [g["lr"] for g in optimizer.param_groups]
-        if o.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=max_lrs, total_steps=total, pct_start=o.warmup_fraction
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint):
-        trainable = {f"network.{k}" for k in trainable_state_dict(self.network)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["moe_prefix"] = {"backbone": self.cfg.model.backbone, "method": self.cfg.model.method}
-
-    def on_load_checkpoint(self, checkpoint):
-        expected = {f"network.{k}": v for k, v in trainable_state_dict(self.network).items()}
-        saved_model = checkpoint.get("moe_prefix", {}).get("backbone", "unknown")
-        check_compatible(checkpoint["state_dict"], expected, saved_model, self.cfg.model.backbone)
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class TaskModule(PrefixTrainingModule):
-    """Sequence classification with any method; logs task, auxiliary and routing statistics."""
-
-    def __init__(self, network: SequenceClassifier, cfg: RunConfig, num_classes: int, group_names: list[str]):
-        super().__init__(network, cfg)
-        self.group_names = list(group_names)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
-        self.group_acc = torch.nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.group_names)
-
-    def model_step(self, batch):
-        out = self.network(batch["input_ids"], batch["attention_mask"], batch["group_ids"])
-        losses = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
-        return losses, out
-
-    def on_validation_epoch_start(self):
-        self.rows = []
-
-    def validation_step(self, batch, batch_idx):
-        losses, out = self.model_step(batch)
-        labels = batch["labels"]
-        preds = out.logits.argmax(-1)
-        self.val_loss.update(losses)
-        self.val_acc.update(preds, labels)
-        self.val_f1.update(preds, labels)
-        for g, metric in enumerate(self.group_acc):
-            sel = (batch["group_ids"] == g) & batch["has_group"]
-            if sel.any():
-                metric.update(preds[sel], labels[sel])
-        lengths = batch["attention_mask"].sum(-1)
-        for i in range(len(labels)):
-            row = {
-                "index": int(batch["index"][i]),
-                "label": int(labels[i]),
-                "prediction": int(preds[i]),
-                "loss": float(losses[i]),
-                "input_len": int(lengths[i]),
-            }
-            if out.routing is not None:
-                row["weights"] = out.routing.weights[i].tolist()
-                row["experts"] = out.routing.indices[i].tolist()
-                row["prefix_len"] = float(out.routing.lengths[i])
-            self.rows.append(row)
-
-    def on_validation_epoch_end(self):
-        metrics = {
-            "val/loss": self.val_loss.compute(),
-            "val/acc": self.val_acc.compute(),
-            "val/f1": self.val_f1.compute(),
-        }
-        for name, metric in zip(self.group_names, self.group_acc, strict=True):
-            if metric.update_count:
-                metrics[f"val/acc/{name}"] = metric.compute()
-            metric.reset()
-        if self.rows and "weights" in self.rows[0]:
-            weights = torch.tensor([r["weights"] for r in self.rows])
-            experts = torch.tensor([r["experts"] for r in self.rows])
-            summary = routing_summary(weights, experts, self.num_experts)
-            metrics["val/router_entropy"] = summary["entropy"]
-            metrics["val/prefix_len"] = torch.tensor([r["prefix_len"] for r in self.rows]).mean()
-            for i, v in enumerate(summary["load"]):
-                metrics[f"val/load/e{i}"] = v
-            # On the mean routing weight: slot counts cannot exceed 1/k per expert, so they hide collapse.
-            collapse = detect_collapse(weights.float().mean(0).numpy())
-            if collapse and self.num_experts > 1:
-                warnings.warn(
-                    f"routing collapse: expert {collapse.expert} takes {collapse.share:.0%} of the load; "
-                    "raise prefix.balance_coef or prefix.router_noise",
-                    stacklevel=1,
-                )
-        self.log_dict(metrics)
-        for m in (self.val_loss, self.val_acc, self.val_f1):
-            m.reset()
+def _prepare(cfg: RunConfig) -> Task:
+    """Checks that need no loading, then this process's settings (threads, seeds); returns the task."""
+    check_sources(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, verbose=False)
+    return TASKS[cfg.model.task]
 
 
-class _InterruptCheckpoint(OnExceptionCheckpoint):
-    """Save on Ctrl-C or a crash, but never a state that just produced a non-finite loss."""
+def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
+    """Train one run and write its run directory; with resume, continue from its last checkpoint."""
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    if not resume and rd.has_checkpoints(run_dir):
+        raise ConfigError(
+            f"run directory {run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
+            "or choose another run_dir"
+        )
+    task = _prepare(cfg)
+    built = task.build(cfg)
+    rd.create(cfg, run_dir)  # the data and the backbone loaded: nothing is written for a failed check
+    if cfg.prefix.init == "tokens" and built.network.mixture is not None and not resume:
+        batch = built.data.first_training_batch(task.INIT_SEQUENCES)
+        built.network.mixture.init_from_text(batch["input_ids"], batch["attention_mask"], seed=cfg.seed)
+    module = task.make_module(built, cfg)
+    stats = _train(cfg, run_dir, module, built.data, resume)
+    if stats is None:
+        return FitResult(run_dir, {})
+    metrics = {**validate(module, built.data.val_dataloader(), cfg), **stats}
+    rd.write_weights(run_dir, built.network, cfg)
+    rd.write_json(run_dir / rd.METRICS_FILE, metrics)
+    task.write_results(run_dir, module, built, None)
+    return FitResult(run_dir, rd.read_metrics(run_dir))
+
+
+def load_run(run_dir: str | Path, cfg: RunConfig | None = None, prefix: bool = True) -> tuple[RunConfig, Built]:
+    """A finished run's config and its rebuilt tokenizer, data and network with the trained weights.
+
+    prefix=False: the bare backbone of the run's config instead (tasks with HAS_ZERO_SHOT only).
+    """
+    cfg = cfg if cfg is not None else rd.read_config(run_dir)
+    task = _prepare(cfg)
+    if not prefix and not task.HAS_ZERO_SHOT:
+        raise ConfigError(f"--no-prefix applies to generation runs only; {run_dir} is a {cfg.model.task} run")
+    built = task.build(cfg, prefix=prefix)
+    if prefix:
+        rd.load_weights(run_dir, built.network, cfg)
+    return cfg, built
+
+
+def evaluate_run(run_dir: str | Path, data_file: str | None = None, no_prefix: bool = False) -> EvalResult:
+    """Validate a finished run again: on its split, on another file (data_file), or its bare backbone
+    (no_prefix). Writes eval-<name>.json and the task's per-example results for that name."""
+    run_dir = Path(run_dir)
+    cfg = rd.read_config(run_dir)
+    task = TASKS[cfg.model.task]
+    if data_file and not task.EVALUATES_OTHER_FILES:
+        raise ConfigError(f"--data is not supported for {cfg.model.task} runs; they evaluate on their validation split")
+    cfg, built = load_run(run_dir, cfg, prefix=not no_prefix)
+    module = task.make_module(built, cfg)
+    loader, name = task.eval_loader(built, data_file)
+    name += "-noprefix" if no_prefix else ""
+    metrics = validate(module, loader, cfg)
+    path = run_dir / rd.eval_file(name)
+    rd.write_json(path, metrics)
+    task.write_results(run_dir, module, built, name)
+    return EvalResult(metrics, path, name)
+
+
+# -- Lightning ----------------------------------------------------------------------------------------
+
+
+class _InterruptCheckpoint(Checkpoint):
+    """Save on Ctrl-C or a crash, but never a state that just produced a non-finite loss.
+
+    Not Lightning's OnExceptionCheckpoint: with that one present, Lightning turns `fit(ckpt_path=None)`
+    into a search for a "last" checkpoint and warns twice on every fresh run. We pass the checkpoint
+    to resume from explicitly (`_latest_checkpoint`), so that search is not wanted.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
 
     def on_exception(self, trainer, pl_module, exception):
         if not isinstance(exception, NonFiniteLossError):
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.path)
+
+    def teardown(self, trainer, pl_module, stage):
+        # A run that ends normally leaves no stale interrupt checkpoint for a later --resume to pick up.
+        trainer.strategy.remove_checkpoint(self.path)
 
 
 class _Timer(Callback):
@@ -231,56 +153,41 @@ class _Timer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-@dataclass
-class FitResult:
-    run_dir: Path
-    metrics: dict[str, float]
+def _quiet_lightning() -> None:
+    """Silence what a user cannot act on; warnings about their run (truncation, collapse) stay."""
+    # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Raised inside Lightning's own use of torch's pytree helpers, not by anything a run configures.
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=DeprecationWarning)
+    # A resumed run reopens its own checkpoint folder, and our sampler skips what the run already saw
+    # (datamodule.EpochSampler), which Lightning cannot know: both warnings describe a problem we do not have.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # On resume the old metrics.csv is set aside first and merged back afterwards (_merge_logs).
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # The default of Lightning's worker advice assumes a GPU box; data.num_workers is documented.
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    # Lightning's tips about optional packages (litmodels, litlogger): adverts, not advice on this run.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
 
 
-def default_run_dir(cfg: RunConfig) -> Path:
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
 
 
-def build(cfg: RunConfig):
-    """Tokenizer, data and network for a config (shared by fit, evaluate and the analysis)."""
-    from transformers import AutoModel
-
-    check_sources(cfg)
-    path = assets.resolve_backbone(cfg.model.backbone)
-    tokenizer = load_tokenizer(path)
-    data = ClassificationData(cfg, tokenizer)
-    data.load()
-    prefix_cfg = cfg.prefix
-    if prefix_cfg.router_input == "group":
-        prefix_cfg = dataclasses.replace(prefix_cfg, num_groups=max(len(data.group_names), 1))
-    backbone = AutoModel.from_pretrained(path)
-    if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    network = SequenceClassifier(backbone, data.num_classes, cfg.model, prefix_cfg)
-    return tokenizer, data, network
-
-
-def _init_from_training_text(network, data: ClassificationData, n: int = 256) -> None:
-    batch = data._collate(data.train_set[:n])
-    network.mixture.init_from_text(batch["input_ids"], batch["attention_mask"], seed=data.cfg.seed)
-
-
-def count_parameters(network) -> int:
-    return sum(p.numel() for p in network.parameters() if p.requires_grad)
-
-
-def _trainer(cfg: RunConfig, run_dir: Path, callbacks, logger) -> L.Trainer:
-    return L.Trainer(
-        **cfg.trainer,
-        default_root_dir=str(run_dir),
-        logger=logger,
-        callbacks=callbacks,
-        plugins=[SafetensorsCheckpointIO()],
-    )
+def _trainer(**kwargs) -> L.Trainer:
+    """The one place a Lightning Trainer is configured (training with cfg.trainer, or one validation)."""
+    _quiet_lightning()
+    return L.Trainer(**kwargs)
 
 
 def _loggers(run_dir: Path):
-    loggers = [CSVLogger(str(run_dir), name="logs", version="")]
+    loggers = [CSVLogger(str(run_dir), name=rd.LOG_DIR, version="")]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -291,24 +198,9 @@ def _loggers(run_dir: Path):
     return loggers
 
 
-def start_run(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
-    """Create (or reopen) the run directory, save the resolved config, seed everything."""
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    if not resume and any((run_dir / "checkpoints").glob("*.ckpt")):
-        raise ConfigError(
-            f"run directory {run_dir} already holds checkpoints: continue it with --resume {run_dir}, "
-            "or choose another run_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    L.seed_everything(cfg.seed, verbose=False)
-    return cfg, run_dir
-
-
-def train_module(cfg: RunConfig, run_dir: Path, module: L.LightningModule, data, resume: bool) -> dict | None:
+def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, resume: bool) -> dict | None:
     """Lightning's fit with checkpoints, logs and resume; the run statistics, or None off process 0."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / rd.CHECKPOINT_DIR
     timer = _Timer()
     callbacks = [
         ModelCheckpoint(
@@ -319,21 +211,24 @@ def train_module(cfg: RunConfig, run_dir: Path, module: L.LightningModule, data,
             save_top_k=1,
             monitor=None,
         ),
-        _InterruptCheckpoint(dirpath=str(ckpt_dir), filename="interrupted"),
+        _InterruptCheckpoint(ckpt_dir / INTERRUPT_CHECKPOINT),
         timer,
     ]
-    trainer = _trainer(cfg, run_dir, callbacks, _loggers(run_dir))
-    # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers); Lightning warns.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # An explicit path: given None, Lightning would look for a "last" checkpoint by itself.
+    trainer = _trainer(
+        **cfg.trainer,
+        default_root_dir=str(run_dir),
+        logger=_loggers(run_dir),
+        callbacks=callbacks,
+        plugins=[SafetensorsCheckpointIO()],
+    )
     ckpt_path = _latest_checkpoint(ckpt_dir) if resume else None
     if ckpt_path:
-        _set_aside_logs(run_dir / "logs")
+        _set_aside_logs(run_dir / rd.LOG_DIR)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SystemExit:  # Lightning exits after Ctrl-C, once OnExceptionCheckpoint has saved
-        if (ckpt_dir / "interrupted.ckpt").is_file():
-            print(f"interrupted; checkpoint saved. Continue with: python scripts/fit.py --resume {run_dir}")
+        if (ckpt_dir / INTERRUPT_CHECKPOINT).is_file():
+            print(f"interrupted; checkpoint saved. Continue with --resume {run_dir}")
             raise SystemExit(130) from None
         raise
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -342,31 +237,29 @@ def train_module(cfg: RunConfig, run_dir: Path, module: L.LightningModule, data,
         torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return None
-    _merge_logs(run_dir / "logs")
-    return {
-        "trainable_params": count_parameters(module.network),
-        "train_time_s": round(getattr(timer, "seconds", float("nan")), 1),
-        "steps": trainer.global_step,
-    }
+    _merge_logs(run_dir / rd.LOG_DIR)
+    stats = {"trainable_params": count_parameters(module.network), "steps": trainer.global_step}
+    if hasattr(timer, "seconds"):  # absent when a resumed run had nothing left to train
+        stats["train_time_s"] = round(timer.seconds, 1)
+    return stats
 
 
-def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
-    """Train one run and write its run directory; with resume, continue from its last checkpoint."""
-    if cfg.model.task == "generation":
-        from .generation import fit_generation
+def validate(module: PrefixTrainingModule, loader, cfg: RunConfig) -> dict[str, float]:
+    """One validation pass on a fresh single-device Trainer; returns the logged metrics as floats."""
+    trainer = _trainer(
+        accelerator=cfg.trainer.get("accelerator", "auto"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
+        enable_model_summary=False,
+    )
+    results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    return {k: round(float(v), 6) for k, v in results.items() if not math.isnan(float(v))}
 
-        return fit_generation(cfg, resume)
-    cfg, run_dir = start_run(cfg, resume)
-    _, data, network = build(cfg)
-    if cfg.prefix.init == "tokens" and network.mixture is not None and not resume:
-        _init_from_training_text(network, data)
-    module = TaskModule(network, cfg, data.num_classes, data.group_names)
-    stats = train_module(cfg, run_dir, module, data, resume)
-    if stats is None:
-        return FitResult(run_dir, {})
-    metrics = {**evaluate_module(module, data, cfg), **stats}
-    write_run(run_dir, network, cfg, module, data, metrics)
-    return FitResult(run_dir, metrics)
+
+def count_parameters(network) -> int:
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
 def _set_aside_logs(log_dir: Path) -> None:
@@ -399,85 +292,7 @@ def _merge_logs(log_dir: Path) -> None:
 
 def _latest_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest of last.ckpt and a checkpoint written on Ctrl-C (or None: start over)."""
-    candidates = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / "interrupted.ckpt") if p.is_file()]
+    candidates = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / INTERRUPT_CHECKPOINT) if p.is_file()]
     if not candidates:
         return None
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
-
-
-def evaluate_module(module: TaskModule, data: ClassificationData, cfg: RunConfig, loader=None) -> dict[str, float]:
-    """One validation pass on a fresh single-device Trainer; returns the logged metrics as floats."""
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.get("accelerator", "auto"),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
-        enable_model_summary=False,
-    )
-    loader = loader if loader is not None else data.val_dataloader()
-    results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
-    return {k: round(float(v), 6) for k, v in results.items() if not math.isnan(float(v))}
-
-
-def write_run(run_dir: Path, network, cfg: RunConfig, module: TaskModule, data: ClassificationData, metrics):
-    """The run directory's result files: weights, metrics, per-example routing table."""
-    write_weights_and_metrics(run_dir, network, cfg, metrics)
-    write_routing_table(run_dir / ROUTING_FILE, module.rows, data.val_examples, cfg.prefix.num_experts)
-
-
-def write_weights_and_metrics(run_dir: Path, network, cfg: RunConfig, metrics: dict) -> None:
-    """adapter.safetensors (trainable tensors, with the backbone and config as metadata) and metrics.json."""
-    weights = {k: v.contiguous() for k, v in trainable_state_dict(network).items()}
-    meta = {"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))}
-    save_file(weights, str(run_dir / WEIGHTS_FILE), metadata=meta)
-    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-
-
-def write_per_example_table(path: Path, rows: list[dict], num_experts: int, columns: list[str], cells) -> None:
-    """A CSV of validation rows (sorted by index): the task's own columns, then the routing, if any."""
-    routed = bool(rows) and "weights" in rows[0]
-    header = columns + (["prefix_len", "experts"] + [f"w{i}" for i in range(num_experts)] if routed else [])
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in sorted(rows, key=lambda r: r["index"]):
-            line = cells(row)
-            if routed:
-                line += [f"{row['prefix_len']:.3f}", " ".join(map(str, row["experts"]))]
-                line += [f"{w:.6f}" for w in row["weights"]]
-            writer.writerow(line)
-
-
-def write_routing_table(path: Path, rows: list[dict], examples, num_experts: int) -> None:
-    """One row per validation example: id, group, label, prediction, loss, input length, routing."""
-
-    def cells(row):
-        ex = examples[row["index"]]
-        return [ex.id, ex.group or "", row["label"], row["prediction"], f"{row['loss']:.6f}", row["input_len"]]
-
-    columns = ["id", "group", "label", "prediction", "loss", "input_len"]
-    write_per_example_table(path, rows, num_experts, columns, cells)
-
-
-def load_network(run_dir: str | Path, cfg: RunConfig | None = None):
-    """Rebuild a finished run's network with its trained weights: (cfg, data, network)."""
-    from .run_config import config_from_dict
-
-    run_dir = Path(run_dir)
-    if cfg is None:
-        from omegaconf import OmegaConf
-
-        cfg = config_from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE)))
-    _, data, network = build(cfg)
-    weights = load_file(str(run_dir / WEIGHTS_FILE))
-    check_compatible(weights, trainable_state_dict(network), _saved_backbone(run_dir), cfg.model.backbone)
-    network.load_state_dict(weights, strict=False)
-    return cfg, data, network
-
-
-def _saved_backbone(run_dir: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(run_dir / WEIGHTS_FILE), framework="pt") as f:
-        return (f.metadata() or {}).get("backbone", "unknown")

@@ -11,9 +11,9 @@ representation goes in, a restaurant description comes out, and every input has 
   or beam search, per `cfg.generation`) through the prefix routed from its prompt, and scored against
   all its references: corpus BLEU (SacreBLEU, 13a tokenisation) and ROUGE-L F-measure (best reference
   per input), both on a 0-100 scale.
-- `fit_generation(cfg)` writes the run directory that classification writes, plus `samples.jsonl`.
-- `evaluate_generation(run_dir, no_prefix=True)` scores the bare backbone on the same split and prompts:
-  the zero-shot reference a prefix has to beat.
+- A task of the run loop (see `module.Task`): `engine.fit` writes the run directory classification
+  writes, plus `samples.jsonl`; `engine.evaluate_run(run_dir, no_prefix=True)` scores the bare backbone
+  on the same split and prompts: the zero-shot reference a prefix has to beat.
 
 Axes: b - batch, t - tokens, v - vocabulary, e - experts.
 """
@@ -21,42 +21,25 @@ Axes: b - batch, t - tokens, v - vocabulary, e - experts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
-from moe_prefix.analysis.routing_stats import detect_collapse
+from moe_prefix.injection import enable_activation_checkpointing
 
 from . import assets
 from . import data as data_io
-from .checkpointing import check_compatible
-from .datamodule import ClassificationData, Encoded, load_tokenizer, pad_batch, subsample
-from .engine import (
-    CONFIG_FILE,
-    ROUTING_FILE,
-    WEIGHTS_FILE,
-    FitResult,
-    PrefixTrainingModule,
-    _init_from_training_text,
-    _saved_backbone,
-    evaluate_module,
-    routing_summary,
-    start_run,
-    train_module,
-    write_per_example_table,
-    write_weights_and_metrics,
-)
-from .networks import CausalLM, trainable_state_dict
-from .run_config import ConfigError, RunConfig, check_sources, config_from_dict
+from . import run_dir as rd
+from .datamodule import Encoded, TrainData, load_tokenizer, pad_batch, read_train_val, subsample
+from .module import Built, PrefixTrainingModule, routing_metrics, routing_row
+from .networks import CausalLM
+from .run_config import ConfigError, RunConfig
 
-SAMPLES_FILE = "samples.jsonl"
-INIT_SEQUENCES = 32  # training sequences whose keys/values seed the banks (prefix.init=tokens)
+INIT_SEQUENCES = 32
+EVALUATES_OTHER_FILES = False  # evaluation scores the run's own validation split
+HAS_ZERO_SHOT = True  # the bare backbone can be scored on the same prompts (evaluate --no-prefix)
 
 
 # -- scores -------------------------------------------------------------------------------------------
@@ -82,36 +65,7 @@ def generation_scores(predictions: list[str], references: list[list[str]]) -> di
 # -- data ---------------------------------------------------------------------------------------------
 
 
-def load_records(source: str, input_column: str, target_column: str) -> list[dict]:
-    """Generation records {id, input, targets}: one per distinct input, all its references together.
-
-    `source` is `e2e_nlg` (or a BIG-bench task.json / its folder) or a .jsonl file whose rows hold an
-    input and a target (a string or a list of strings); rows that repeat an input add references.
-    Generation data has no group column: data.group_column is not read.
-    """
-    path = assets.resolve_dataset(source)
-    if source == "e2e_nlg" or path.is_dir() or path.suffix == ".json":
-        return data_io.load_e2e(source)
-    if path.suffix != ".jsonl":
-        raise data_io.DataError(
-            f"unsupported generation data {source}: use e2e_nlg, a BIG-bench task.json or a .jsonl file"
-        )
-    grouped: dict[str, dict] = {}
-    for line_no, row in data_io._jsonl_rows(path):
-        data_io._require_column(input_column, row.keys(), "data.text_column", str(path))
-        data_io._require_column(target_column, row.keys(), "data.label_column", str(path))
-        text, target = row[input_column], row[target_column]
-        targets = [target] if isinstance(target, str) else target
-        if not isinstance(text, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-            raise data_io.DataError(
-                f"{path}:{line_no}: expected a string input and a string (or list of strings) target"
-            )
-        record = grouped.setdefault(text, {"id": str(row.get("id", len(grouped))), "input": text, "targets": []})
-        record["targets"].extend(targets)
-    return list(grouped.values())
-
-
-class GenerationData(L.LightningDataModule):
+class GenerationData(TrainData):
     """Prompt/target pairs for training, pairs and prompts for validation.
 
     Training batches are right-padded and carry `labels` (-100 on prompt and padding) and
@@ -119,31 +73,25 @@ class GenerationData(L.LightningDataModule):
     left-padded prompts, so every row's new tokens start in the same column.
     """
 
-    def __init__(self, cfg: RunConfig, tokenizer):
-        super().__init__()
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.loaded = False
-
-    # Resumable training order: the same seeded permutation and mid-epoch skip as classification.
-    train_dataloader = ClassificationData.train_dataloader
-    _resumed_examples = ClassificationData._resumed_examples
-
     def load(self) -> None:
         """Read, split by input and tokenise once; safe to call again."""
         if self.loaded:
             return
         d = self.cfg.data
-        read = lambda src: load_records(src, d.text_column, d.label_column)  # noqa: E731
-        records = read(d.source)
-        if d.val_source:
-            train, val = records, read(d.val_source)
-            shared = {r["input"] for r in train} & {r["input"] for r in val}
-            if shared:
-                raise data_io.DataError(
-                    f"{len(shared)} input(s) of data.val_source also occur in data.source, e.g. {min(shared)!r}"
-                )
-        else:
-            train, val = data_io.split_by_input(records, d.val_fraction, d.split_seed)
+
+        def read(source: str, split: str | None) -> list[dict]:
+            columns = (d.text_column, d.label_column)
+            return data_io.load_generation_records(source, *columns, split=split, drop_empty_texts=d.drop_empty_texts)
+
+        train, val = read_train_val(d, read, data_io.split_by_input)
+        # A seeded split is by input; separate sources or splits must not share one either.
+        shared = {r["input"] for r in train} & {r["input"] for r in val}
+        if shared:
+            where = "data.val_source" if d.val_source else f"the split {d.val_split!r} of data.source"
+            raise data_io.DataError(
+                f"{len(shared)} input(s) of {where} also occur in the training data, e.g. {min(shared)!r}; "
+                "remove them from one side"
+            )
         # max_*_examples count inputs, so a subsample keeps every reference of what it keeps
         self.train_examples = subsample(train, d.max_train_examples, d.split_seed)
         self.val_examples = subsample(val, d.max_val_examples, d.split_seed)
@@ -153,9 +101,6 @@ class GenerationData(L.LightningDataModule):
         self.val_pairs = self.encode_pairs(self.val_examples)
         self.val_prompts = self.encode_prompts(self.val_examples)
         self.loaded = True
-
-    def setup(self, stage: str | None = None) -> None:
-        self.load()
 
     # -- tokens -------------------------------------------------------------------------------------
     def _prompt_ids(self, records) -> list[list[int]]:
@@ -198,7 +143,7 @@ class GenerationData(L.LightningDataModule):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def _collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         """Right-padded pairs: (b t) input_ids, attention_mask, labels; (b t') router_*."""
         batch = pad_batch(items, self.pad_id)
         # From the mask, not the ids: the pad token may be the eos token, whose label must stay.
@@ -215,7 +160,7 @@ class GenerationData(L.LightningDataModule):
             "index": batch["index"],
         }
 
-    def _collate_prompts(self, items: list[Encoded], records) -> dict:
+    def collate_prompts(self, items: list[Encoded], records) -> dict:
         """Left-padded prompts (b t), with their ids and references (lists of strings)."""
         batch = pad_batch(items, self.pad_id, left=True)
         return {
@@ -226,22 +171,12 @@ class GenerationData(L.LightningDataModule):
             "references": [records[x.index]["targets"] for x in items],
         }
 
-    def loss_loader(self, pairs: list[Encoded]) -> DataLoader:
-        d = self.cfg.data
-        return DataLoader(
-            pairs, batch_size=d.eval_batch_size, shuffle=False, collate_fn=self._collate, num_workers=d.num_workers
-        )
-
-    def generation_loader(self, prompts: list[Encoded], records) -> DataLoader:
-        d = self.cfg.data
-        collate = lambda items: self._collate_prompts(items, records)  # noqa: E731
-        return DataLoader(
-            prompts, batch_size=d.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=d.num_workers
-        )
+    def generation_loader(self, prompts: list[Encoded], records):
+        return self.eval_loader(prompts, collate=lambda items: self.collate_prompts(items, records))
 
     def val_dataloader(self):
         """Two loaders: dataloader_idx 0 holds the reference pairs (loss), 1 the prompts (decoding)."""
-        return [self.loss_loader(self.val_pairs), self.generation_loader(self.val_prompts, self.val_examples)]
+        return [self.eval_loader(self.val_pairs), self.generation_loader(self.val_prompts, self.val_examples)]
 
 
 # -- the Lightning module ---------------------------------------------------------------------------
@@ -255,7 +190,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 class GenerationModule(PrefixTrainingModule):
-    """A causal LM with any method; trains like TaskModule, validates by loss and by decoding."""
+    """A causal LM with any method; validates by the references' loss and by decoding."""
 
     def __init__(self, network: CausalLM, cfg: RunConfig, tokenizer, single_line: bool = True):
         super().__init__(network, cfg)  # self.rows: one per decoded input
@@ -302,7 +237,8 @@ class GenerationModule(PrefixTrainingModule):
 
     # -- validation ---------------------------------------------------------------------------------
     def on_validation_epoch_start(self):
-        self.rows, self.input_losses = [], {}
+        super().on_validation_epoch_start()
+        self.input_losses = {}
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         if dataloader_idx == 0:
@@ -314,8 +250,7 @@ class GenerationModule(PrefixTrainingModule):
                 self.input_losses.setdefault(i, []).append(loss)
             return
         tokens = self.generate_tokens(batch["input_ids"], batch["attention_mask"])
-        mixture = self.network.mixture
-        routing = mixture.last_routing if mixture is not None else None
+        routing = self.network.mixture.last_routing if self.network.mixture is not None else None
         lengths = batch["attention_mask"].sum(-1)
         for i, new in enumerate(tokens):
             row = {
@@ -326,11 +261,7 @@ class GenerationModule(PrefixTrainingModule):
                 "input_len": int(lengths[i]),
                 "new_tokens": len(new),
             }
-            if routing is not None:
-                row["weights"] = routing.weights[i].tolist()
-                row["experts"] = routing.indices[i].tolist()
-                row["prefix_len"] = float(routing.lengths[i])
-            self.rows.append(row)
+            self.rows.append(row | routing_row(routing, i))
 
     def on_validation_epoch_end(self):
         metrics = {}
@@ -345,36 +276,17 @@ class GenerationModule(PrefixTrainingModule):
             metrics["val/bleu"] = scores["bleu"]
             metrics["val/rougeL"] = scores["rougeL"]
             metrics["val/new_tokens"] = sum(r["new_tokens"] for r in self.rows) / len(self.rows)
-        if self.rows and "weights" in self.rows[0]:
-            weights = torch.tensor([r["weights"] for r in self.rows])
-            experts = torch.tensor([r["experts"] for r in self.rows])
-            summary = routing_summary(weights, experts, self.num_experts)
-            metrics["val/router_entropy"] = summary["entropy"]
-            metrics["val/prefix_len"] = sum(r["prefix_len"] for r in self.rows) / len(self.rows)
-            # Slot counts cannot show a collapse under top-k > 1 (no expert fills more than 1/k of the
-            # slots); the mean routing weight, each expert's share of the blended prefix, can.
-            share = weights.mean(0)
-            for i, (v, w) in enumerate(zip(summary["load"], share, strict=True)):
-                metrics[f"val/load/e{i}"] = v
-                metrics[f"val/weight/e{i}"] = w
-            collapse = self.num_experts > 1 and detect_collapse(share.numpy())
-            if collapse:
-                warnings.warn(
-                    f"routing collapse: expert {collapse.expert} carries {collapse.share:.0%} of the routing weight; "
-                    "raise prefix.balance_coef or prefix.router_noise",
-                    stacklevel=1,
-                )
+        metrics |= routing_metrics(self.rows, self.num_experts)
         self.log_dict({k: float(v) for k, v in metrics.items()})
 
 
 # -- building, fitting, evaluating ------------------------------------------------------------------
 
 
-def build_generation(cfg: RunConfig, prefix: bool = True):
+def build(cfg: RunConfig, prefix: bool = True) -> Built:
     """Tokenizer, data and network of a generation config; prefix=False: the bare frozen backbone."""
     from transformers import AutoModelForCausalLM
 
-    check_sources(cfg)
     if cfg.prefix.router_input == "group":
         raise ConfigError("prefix.router_input=group is not supported for generation; use embeddings or hidden")
     path = assets.resolve_backbone(cfg.model.backbone)
@@ -383,71 +295,28 @@ def build_generation(cfg: RunConfig, prefix: bool = True):
     data.load()
     backbone = AutoModelForCausalLM.from_pretrained(path)
     if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(backbone)
     # linear_probe leaves the backbone frozen and adds nothing: for a causal LM, the model as shipped.
     model_cfg = cfg.model if prefix else dataclasses.replace(cfg.model, method="linear_probe")
-    network = CausalLM(backbone, model_cfg, cfg.prefix)
-    return tokenizer, data, network
+    return Built(tokenizer, data, CausalLM(backbone, model_cfg, cfg.prefix))
 
 
-def fit_generation(cfg: RunConfig, resume: bool = False) -> FitResult:
-    """Train one generation run and write its run directory (see `training.fit`)."""
-    cfg, run_dir = start_run(cfg, resume)
-    tokenizer, data, network = build_generation(cfg)
-    if cfg.prefix.init == "tokens" and network.mixture is not None and not resume:
-        _init_from_training_text(network, data, n=INIT_SEQUENCES)
-    module = GenerationModule(network, cfg, tokenizer, data.single_line)
-    stats = train_module(cfg, run_dir, module, data, resume)
-    if stats is None:
-        return FitResult(run_dir, {})
-    metrics = {**evaluate_module(module, data, cfg), **stats}
-    write_weights_and_metrics(run_dir, network, cfg, metrics)
-    write_samples(run_dir / SAMPLES_FILE, module.rows, cfg.generation.num_samples_saved)
-    write_routing_table(run_dir / ROUTING_FILE, module.rows, cfg.prefix.num_experts)
-    return FitResult(run_dir, metrics)
+def make_module(built: Built, cfg: RunConfig) -> GenerationModule:
+    return GenerationModule(built.network, cfg, built.tokenizer, built.data.single_line)
 
 
-def write_samples(path: Path, rows: list[dict], n: int) -> None:
-    """The first n validation inputs (in split order): id, prediction, references; one JSON per line."""
-    with open(path, "w") as f:
-        for row in sorted(rows, key=lambda r: r["index"])[:n]:
-            sample = {k: row[k] for k in ("id", "prediction", "references")}
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+def eval_loader(built: Built, data_file: str | None):
+    return built.data.val_dataloader(), "val"
 
 
-def write_routing_table(path: Path, rows: list[dict], num_experts: int) -> None:
-    """One row per validation input: id, prompt tokens, mean reference loss, new tokens, routing."""
+def write_results(run_dir: Path, module: GenerationModule, built: Built, name: str | None) -> None:
+    """samples.jsonl and, after a fit, routing.csv: id, prompt tokens, mean reference loss, new tokens, routing."""
+    rd.write_samples(run_dir / rd.samples_file(name), module.rows, module.cfg.generation.num_samples_saved)
+    if name is not None:
+        return
 
     def cells(row):
         return [row["id"], row["input_len"], f"{row['loss']:.6f}", row["new_tokens"]]
 
-    write_per_example_table(path, rows, num_experts, ["id", "input_len", "loss", "new_tokens"], cells)
-
-
-def evaluate_generation(run_dir: str | Path, no_prefix: bool = False) -> dict[str, float]:
-    """Validate a finished run again, or (no_prefix) its bare backbone on the same split and prompts.
-
-    Writes eval-val.json and samples-val.jsonl (eval-val-noprefix.json and samples-val-noprefix.jsonl
-    with no_prefix) into the run directory.
-    """
-    from omegaconf import OmegaConf
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    cfg = config_from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE)))
-    if cfg.model.task != "generation":
-        raise ConfigError(f"{run_dir} is a {cfg.model.task} run; evaluate_generation needs a generation run")
-    L.seed_everything(cfg.seed, verbose=False)
-    tokenizer, data, network = build_generation(cfg, prefix=not no_prefix)
-    if not no_prefix:
-        weights = load_file(str(run_dir / WEIGHTS_FILE))
-        expected = trainable_state_dict(network)
-        check_compatible(weights, expected, _saved_backbone(run_dir), cfg.model.backbone)
-        network.load_state_dict(weights, strict=False)
-    module = GenerationModule(network, cfg, tokenizer, data.single_line)
-    metrics = evaluate_module(module, data, cfg)
-    name = "val-noprefix" if no_prefix else "val"
-    (run_dir / f"eval-{name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_samples(run_dir / f"samples-{name}.jsonl", module.rows, cfg.generation.num_samples_saved)
-    return metrics
+    columns = ["id", "input_len", "loss", "new_tokens"]
+    rd.write_per_example_table(run_dir / rd.ROUTING_FILE, module.rows, module.num_experts, columns, cells)

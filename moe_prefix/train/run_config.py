@@ -51,8 +51,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "vader_domains"  # built-in alias (vader_domains, e2e_nlg) or a .csv/.tsv/.jsonl file
-    val_source: str | None = None  # a separate validation file; else a seeded split of source
+    source: str = "vader_domains"  # an alias, .csv/.tsv/.jsonl/.parquet, a save_to_disk folder or hf:NAME[/CONFIG]
+    val_source: str | None = None  # a separate validation source; else source's val_split, else a seeded split
+    train_split: str = "train"  # the split to train on when the source has several (a DatasetDict or hub dataset)
+    val_split: str | None = "validation"  # the split to validate on; when absent (or null): a seeded split of train
     val_fraction: float = 0.2
     split_seed: int = 0  # the split stays fixed when the training seed changes
     text_column: str = "text"
@@ -64,6 +66,7 @@ class DataConfig:
     max_val_examples: int | None = None
     prompt_format: str = "{input}\n"  # generation: text the target follows
     num_workers: int = 0
+    drop_empty_texts: bool = False  # drop rows whose text (generation: input) is empty; a warning counts them anyway
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -119,6 +122,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # keyword arguments of lightning.Trainer
     seed: int = 0
+    threads: int | None = None  # torch CPU threads; 1 is faster on a busy 2-core machine; null: torch's default
     run_dir: str | None = None  # null: runs/<config name>-<time>
     name: str = "run"
     checkpoint_every_n_steps: int = 50  # step checkpoints for --resume (besides the end of each epoch)
@@ -230,6 +234,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _check_cross(cfg: RunConfig) -> None:
     """Checks that span sections."""
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads} must be at least 1 (or null for torch's default)")
     if cfg.model.task == "generation" and cfg.data.source == "vader_domains":
         raise ConfigError("model.task=generation needs a generation dataset such as data.source=e2e_nlg")
     if cfg.prefix.router_input == "group" and cfg.data.group_column is None:
@@ -241,6 +247,7 @@ def check_sources(cfg: RunConfig) -> None:
     import os
 
     from .assets import DATA_ALIASES, MODEL_ALIASES
+    from .data import DataError, hub_candidates, is_hub_id
 
     backbone = cfg.model.backbone
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -253,10 +260,18 @@ def check_sources(cfg: RunConfig) -> None:
             )
     for key in ("source", "val_source"):
         value = getattr(cfg.data, key)
-        if value is not None and value not in DATA_ALIASES and not Path(value).is_file():
-            raise ConfigError(
-                f"data.{key}={value!r} is neither a built-in dataset ({', '.join(DATA_ALIASES)}) nor an existing file"
-            )
+        if value is None or value in DATA_ALIASES or Path(value).exists():  # a file or a save_to_disk folder
+            continue
+        if is_hub_id(value):  # fetched (or found in the datasets cache) when the data loads
+            try:
+                hub_candidates(value)
+            except DataError as err:
+                raise ConfigError(f"data.{key}: {err}") from None
+            continue
+        raise ConfigError(
+            f"data.{key}={value!r} is neither a built-in dataset ({', '.join(DATA_ALIASES)}) nor an existing file "
+            "or folder (hub datasets: hf:NAME[/CONFIG])"
+        )
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

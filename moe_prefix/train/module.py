@@ -1,0 +1,201 @@
+"""The LightningModule every task shares: seeds per step, routing statistics, optimiser, checkpoints.
+
+A task (classification, generation) subclasses `PrefixTrainingModule` with its `model_step` and its
+validation; everything else about training is here, once. Validation rows that carry routing
+(`weights`, `experts`, `prefix_len`) are summarised by `routing_metrics`, the same way for every task.
+
+Axes: b - batch, e - experts, k - banks per input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from moe_prefix.router import detect_collapse
+
+from .checkpointing import check_compatible
+from .datamodule import TrainData
+from .networks import trainable_state_dict
+from .run_config import RunConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+def routing_summary(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
+    """Mean per-example routing entropy (nats) and each expert's share of routing slots.
+
+    weights (b e), indices (b k) -> entropy (), load (e).
+    """
+    w = weights.float().clamp_min(1e-12)
+    entropy = -(weights.float() * w.log()).sum(-1).mean()
+    load = F.one_hot(indices, num_experts).float().sum((0, 1)) / indices.numel()
+    return {"entropy": entropy, "load": load}
+
+
+def routing_metrics(rows: list[dict], num_experts: int, prefix: str = "val") -> dict[str, float]:
+    """Routing statistics of validation rows; warns on a collapse. Empty when the rows carry no routing.
+
+    Slot counts (`load`) cannot show a collapse under top-k > 1 (no expert fills more than 1/k of the
+    slots); the mean routing weight (`weight`), each expert's share of the prefix, can.
+    """
+    if not rows or "weights" not in rows[0]:
+        return {}
+    weights = torch.tensor([r["weights"] for r in rows])
+    experts = torch.tensor([r["experts"] for r in rows])
+    summary = routing_summary(weights, experts, num_experts)
+    share = weights.float().mean(0)
+    metrics = {
+        f"{prefix}/router_entropy": float(summary["entropy"]),
+        f"{prefix}/prefix_len": sum(r["prefix_len"] for r in rows) / len(rows),
+    }
+    for i, (load, weight) in enumerate(zip(summary["load"], share, strict=True)):
+        metrics[f"{prefix}/load/e{i}"] = float(load)
+        metrics[f"{prefix}/weight/e{i}"] = float(weight)
+    collapse = num_experts > 1 and detect_collapse(share.numpy())
+    if collapse:
+        warnings.warn(
+            f"routing collapse: expert {collapse.expert} takes {collapse.share:.0%} of the load; "
+            "raise prefix.balance_coef or prefix.router_noise",
+            stacklevel=1,
+        )
+    return metrics
+
+
+def routing_row(routing, i: int) -> dict:
+    """Example i's routing, as stored in validation rows (nothing when the network has no mixture)."""
+    if routing is None:
+        return {}
+    return {
+        "weights": routing.weights[i].tolist(),
+        "experts": routing.indices[i].tolist(),
+        "prefix_len": float(routing.lengths[i]),
+    }
+
+
+class Built(NamedTuple):
+    """What a task builds from a config: tokenizer, loaded data and the network (backbone + method)."""
+
+    tokenizer: Any
+    data: TrainData
+    network: torch.nn.Module
+
+
+class Task(Protocol):
+    """A task of the run loop (`engine.fit`, `engine.evaluate_run`): data, head and results differ, the
+    loop does not. `classification` and `generation` are the two implementations."""
+
+    INIT_SEQUENCES: int  # training sequences whose keys/values seed the banks (prefix.init=tokens)
+    EVALUATES_OTHER_FILES: bool  # evaluation accepts another data file
+    HAS_ZERO_SHOT: bool  # the bare backbone can be evaluated (no prefix)
+
+    def build(self, cfg: RunConfig, prefix: bool = True) -> Built:
+        """Tokenizer, data and network; prefix=False: the bare frozen backbone (where HAS_ZERO_SHOT)."""
+
+    def make_module(self, built: Built, cfg: RunConfig) -> PrefixTrainingModule: ...
+
+    def eval_loader(self, built: Built, data_file: str | None) -> tuple[Any, str]:
+        """Validation loader(s) and the evaluation's name: the run's own split, or another file."""
+
+    def write_results(self, run_dir: Path, module: PrefixTrainingModule, built: Built, name: str | None) -> None:
+        """The per-example outputs of a validation: of the fit (name None) or of a named evaluation."""
+
+
+class PrefixTrainingModule(L.LightningModule):
+    """What every task shares: per-step seeds, logged routing statistics, the optimiser and schedule,
+    and checkpoints that hold only trainable tensors. Subclasses define `model_step` and validation,
+    and collect one dict per validated example in `self.rows` (the run directory's per-example table)."""
+
+    def __init__(self, network, cfg: RunConfig):
+        super().__init__()
+        self.network, self.cfg = network, cfg
+        # The frozen backbone is left out of checkpoints, so loading them must not require it.
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+        self.rows: list[dict] = []
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg.prefix.num_experts
+
+    def model_step(self, batch):
+        """Per-example losses (b) and the network output for a batch."""
+        raise NotImplementedError
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Randomness (dropout, router noise) is a function of the step alone, so a resumed run
+        # draws exactly what an uninterrupted one would have drawn.
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
+
+    def training_step(self, batch, batch_idx):
+        losses, out = self.model_step(batch)
+        loss = losses.mean()
+        total = loss
+        b = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        if out.routing is not None:
+            r = out.routing
+            total = loss + r.aux_loss
+            summary = routing_summary(r.weights, r.indices, self.num_experts)
+            self.log_dict(
+                {
+                    "train/aux_loss": r.aux_loss,
+                    "train/balance_loss": r.balance_loss,
+                    "train/z_loss": r.z_loss,
+                    "train/length_cost": r.length_cost,
+                    "train/router_entropy": summary["entropy"],
+                    "train/prefix_len": r.lengths.mean(),
+                    **{f"train/load/e{i}": v for i, v in enumerate(summary["load"])},
+                },
+                batch_size=b,
+                sync_dist=True,  # routing statistics over the global batch under DDP
+            )
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss {total.item()} at step {self.global_step}; the last good checkpoint is kept. "
+                "Lower optim.lr or check the data."
+            )
+        return total
+
+    def on_validation_epoch_start(self):
+        self.rows = []
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        head = [p for n, p in self.network.named_parameters() if p.requires_grad and n.startswith("head.")]
+        rest = [p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        groups = [{"params": rest, "lr": o.lr}]
+        if head:
+            groups.append({"params": head, "lr": o.head_lr or o.lr})
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
+        if o.schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if total < 4:  # too short for a warm-up phase (OneCycleLR divides by its length)
+            return optimizer
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        if o.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=max_lrs, total_steps=total, pct_start=o.warmup_fraction
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {f"network.{k}" for k in trainable_state_dict(self.network)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["moe_prefix"] = {"backbone": self.cfg.model.backbone, "method": self.cfg.model.method}
+
+    def on_load_checkpoint(self, checkpoint):
+        expected = {f"network.{k}": v for k, v in trainable_state_dict(self.network).items()}
+        saved_model = checkpoint.get("moe_prefix", {}).get("backbone", "unknown")
+        check_compatible(checkpoint["state_dict"], expected, saved_model, self.cfg.model.backbone)

@@ -1,0 +1,130 @@
+"""The run directory: the one place that names its files, writes them and reads them back.
+
+A fit writes (all at the top of the folder unless said otherwise):
+
+- `config.yaml`: the resolved run config;
+- `metrics.json`: final validation metrics and run statistics (strict JSON: a value that is not a finite
+  number is left out);
+- `adapter.safetensors`: the trainable tensors only, with the backbone and config as metadata;
+- `routing.csv`: one row per validation example (the task's columns, then prefix length and routing);
+- `labels.json` (classification): the class names in class-index order, as the data names them;
+- `samples.jsonl` (generation): generations next to their references;
+- `logs/metrics.csv` (and `tensorboard/`), `checkpoints/`.
+
+`evaluate` adds `eval-<name>.json` (and `samples-<name>.jsonl` for generation). Evaluation, analysis
+and the ablation runner read runs through `read_config`, `read_metrics`, `load_weights`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .checkpointing import check_compatible
+from .networks import trainable_state_dict
+from .run_config import ConfigError, RunConfig, config_from_dict, save_config, to_dict
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+WEIGHTS_FILE = "adapter.safetensors"
+ROUTING_FILE = "routing.csv"
+LABELS_FILE = "labels.json"
+SAMPLES_FILE = "samples.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+
+
+def eval_file(name: str) -> str:
+    """Metrics of `evaluate` on a named split or file."""
+    return f"eval-{name}.json"
+
+
+def samples_file(name: str | None = None) -> str:
+    """Generations of the fit (name None) or of an `evaluate` on a named split."""
+    return SAMPLES_FILE if name is None else f"samples-{name}.jsonl"
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))
+
+
+def create(cfg: RunConfig, run_dir: Path) -> None:
+    """Make the folder and save the resolved config (after every check has passed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+
+
+def write_json(path: Path, values: dict) -> None:
+    """Strict JSON (what `jq` and other strict parsers accept): non-finite numbers are left out."""
+    finite = {k: v for k, v in values.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    path.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_weights(run_dir: Path, network, cfg: RunConfig) -> None:
+    """adapter.safetensors: the trainable tensors, with the backbone, method and config as metadata."""
+    weights = {k: v.contiguous() for k, v in trainable_state_dict(network).items()}
+    meta = {"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))}
+    save_file(weights, str(run_dir / WEIGHTS_FILE), metadata=meta)
+
+
+def write_per_example_table(
+    path: Path, rows: list[dict], num_experts: int, columns: list[str], cells: Callable[[dict], list]
+) -> None:
+    """A CSV of validation rows (sorted by index): the task's own columns, then the routing, if any."""
+    routed = bool(rows) and "weights" in rows[0]
+    header = columns + (["prefix_len", "experts"] + [f"w{i}" for i in range(num_experts)] if routed else [])
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in sorted(rows, key=lambda r: r["index"]):
+            line = cells(row)
+            if routed:
+                line += [f"{row['prefix_len']:.3f}", " ".join(map(str, row["experts"]))]
+                line += [f"{w:.6f}" for w in row["weights"]]
+            writer.writerow(line)
+
+
+def write_samples(path: Path, rows: list[dict], n: int) -> None:
+    """The first n validation inputs (in split order): id, prediction, references; one JSON per line."""
+    with open(path, "w") as f:
+        for row in sorted(rows, key=lambda r: r["index"])[:n]:
+            sample = {k: row[k] for k in ("id", "prediction", "references")}
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    return config_from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def read_metrics(run_dir: str | Path) -> dict | None:
+    """The final metrics of a finished run; None while the run has not finished."""
+    path = Path(run_dir) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
+    """Load a finished run's trained tensors into a network built from its config (checked to fit)."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {WEIGHTS_FILE}: the run did not finish")
+    with safe_open(str(path), framework="pt") as f:
+        saved_backbone = (f.metadata() or {}).get("backbone", "unknown")
+    weights = load_file(str(path))
+    check_compatible(weights, trainable_state_dict(network), saved_backbone, cfg.model.backbone)
+    network.load_state_dict(weights, strict=False)
