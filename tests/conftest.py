@@ -1,4 +1,5 @@
-"""Tiny backbones built from configs: no network, seconds to build."""
+"""Tiny backbones built from configs: no network, seconds to build. Every session checks that it left the
+source tree unchanged (tree_check.py)."""
 
 import os
 
@@ -15,6 +16,7 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
 )
+from tree_check import source_tree_unchanged  # noqa: E402, F401  (an autouse session fixture)
 
 # Tiny models are dominated by thread start-up; one thread is faster, and robust on a busy machine.
 torch.set_num_threads(1)

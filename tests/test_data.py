@@ -15,9 +15,13 @@ from moe_prefix.train.data import (
     DataError,
     TextExample,
     build_label_vocab,
+    check_classes,
     check_labels,
+    hub_candidates,
     load_e2e,
     load_examples,
+    load_generation_records,
+    source_splits,
     split_by_input,
     train_val_split,
 )
@@ -160,6 +164,165 @@ def test_e2e_is_not_a_classification_source():
         load_examples("e2e_nlg")
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": {"a": 1}}, r"d\.jsonl:2: text column 'text' holds a value of type dict \(\{'a': 1\}\); expected a"),
+        ({"text": 7}, r"d\.jsonl:2: text column 'text' holds a value of type int \(7\); expected a string"),
+        ({"label": {"a": 1}}, r"d\.jsonl:2: cannot parse label \{'a': 1\} in column 'label'"),
+        ({"label": [1]}, r"d\.jsonl:2: cannot parse label \[1\]"),
+        ({"g": ["web"]}, r"d\.jsonl:2: group column 'g' holds a value of type list .*expected a string or an integer"),
+        ({"g": 0.5}, r"group column 'g' holds a value of type float \(0\.5\)"),
+    ],
+)
+def test_jsonl_values_of_the_wrong_type(tmp_path, row, message):
+    """An object where a text belongs was trained on as its repr; now each wrong type is a one-line error."""
+    good = {"text": "fine", "label": "y", "g": "web"}
+    path = _write(tmp_path / "d.jsonl", json.dumps(good) + "\n" + json.dumps(good | row) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_examples(path, group_column="g")
+
+
+def test_integer_group_values_name_groups(tmp_path):
+    path = _write(tmp_path / "d.jsonl", '{"text": "a", "label": 1, "g": 3}\n')
+    assert load_examples(path, group_column="g")[0].group == "3"
+
+
+def test_empty_texts_warn_with_their_count_and_can_be_dropped(tmp_path):
+    path = _write(tmp_path / "d.csv", "text,label\ngood,a\n,b\n   ,a\nbad,b\n")
+    with pytest.warns(UserWarning, match=r"2 of 4 rows have an empty text in column 'text'; they were kept"):
+        assert [ex.text for ex in load_examples(path)] == ["good", "", "   ", "bad"]
+    with pytest.warns(UserWarning, match=r"2 of 4 rows .* were dropped \(data\.drop_empty_texts=true\)"):
+        kept = load_examples(path, drop_empty_texts=True)
+    assert [(ex.id, ex.text) for ex in kept] == [("0", "good"), ("3", "bad")]  # ids do not shift
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no examples left: all 1 texts are empty"):
+        load_examples(_write(tmp_path / "e.csv", "text,label\n,b\n"), drop_empty_texts=True)
+
+
+def test_empty_group_values_warn_and_belong_to_no_group(tmp_path):
+    lines = ['{"text": "a", "label": 1, "g": "web"}', '{"text": "b", "label": 0, "g": ""}', '{"text": "c", "label": 0}']
+    lines[2] = '{"text": "c", "label": 0, "g": null}'
+    path = _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"2 of 3 rows have no value in group column 'g'; they belong to no group"):
+        examples = load_examples(path, group_column="g")
+    assert [ex.group for ex in examples] == ["web", None, None]  # no group named ""
+
+
+def test_generation_inputs_empty_and_wrong_typed(tmp_path):
+    rows = [{"mr": "a", "ref": "x"}, {"mr": "", "ref": "y"}, {"mr": "a", "ref": ["z"]}]
+    path = _write(tmp_path / "g.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.warns(UserWarning, match="1 of 3 rows have an empty text in column 'mr'"):
+        assert len(load_generation_records(path, "mr", "ref")) == 2
+    with pytest.warns(UserWarning, match="dropped"):
+        assert load_generation_records(path, "mr", "ref", drop_empty_texts=True) == [
+            {"id": "0", "input": "a", "targets": ["x", "z"]}
+        ]
+    bad = _write(tmp_path / "b.jsonl", json.dumps({"mr": {"k": 1}, "ref": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"b\.jsonl:1: expected a string input"):
+        load_generation_records(bad, "mr", "ref")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 🤗 datasets sources: parquet, save_to_disk folders, hub ids (made here, offline)
+
+
+def _table(n=6, class_label=False, **columns):
+    import datasets
+
+    values = {"text": [f"t{i}" for i in range(n)], "label": [i % 2 for i in range(n)], **columns}
+    features = None
+    if class_label:
+        features = datasets.Features(
+            {k: datasets.Value("string") for k in values} | {"label": datasets.ClassLabel(names=["neg", "pos"])}
+        )
+    return datasets.Dataset.from_dict(values, features=features)
+
+
+def test_parquet_and_saved_folders_read_like_files(tmp_path):
+    import datasets
+
+    table = _table(site=["a", "b", "a", "b", "a", "b"])
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": table, "validation": _table(2)}).save_to_disk(str(tmp_path / "dict"))
+    want = [TextExample(str(i), f"t{i}", i % 2, "ab"[i % 2]) for i in range(6)]
+    assert load_examples(tmp_path / "d.parquet", group_column="site") == want
+    assert load_examples(tmp_path / "one", group_column="site", split="ignored: one table") == want
+    assert load_examples(tmp_path / "dict", group_column="site", split="train") == want
+    assert [ex.text for ex in load_examples(tmp_path / "dict", split="validation")] == ["t0", "t1"]
+    assert source_splits(tmp_path / "dict") == ["train", "validation"]
+    assert source_splits(tmp_path / "one") == source_splits(tmp_path / "d.parquet") == []
+
+
+def test_class_label_columns_give_their_names(tmp_path):
+    path = tmp_path / "d.parquet"
+    _table(4, class_label=True).to_parquet(str(path))  # the features travel in the parquet schema
+    assert [ex.label for ex in load_examples(path)] == ["neg", "pos", "neg", "pos"]
+
+
+def test_datasets_sources_keep_the_one_line_errors(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": _table(), "test": _table(2)}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"dict: no split 'validation' \(splits present: train, test\); set data"):
+        load_examples(tmp_path / "dict", split="validation")
+    with pytest.raises(DataError, match=r"holds several splits \(train, test\); name one with data.train_split"):
+        load_examples(tmp_path / "dict")
+    msg = r"dict\[train\]: no column 'stars' \(columns present: text, label\); set data.label_column"
+    with pytest.raises(DataError, match=msg):
+        load_examples(tmp_path / "dict", label_column="stars", split="train")
+    _table(3, label=["a", " ", "b"]).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad\.parquet:row 1: cannot parse label ' ' in column 'label'"):
+        load_examples(tmp_path / "bad.parquet")
+    _table(2, text=[["a"], ["b"]]).save_to_disk(str(tmp_path / "lists"))
+    with pytest.raises(DataError, match=r"lists:row 0: text column 'text' holds a value of type list"):
+        load_examples(tmp_path / "lists")
+    _table(0).to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(DataError, match=r"empty\.parquet: no examples \(the table has no rows\)"):
+        load_examples(tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match=r"not a readable parquet file"):
+        load_examples(_write(tmp_path / "x.parquet", "not parquet"))
+    with pytest.raises(DataError, match=r"data file not found: .*nope\.parquet"):
+        load_examples(tmp_path / "nope.parquet")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"is a folder but not one written by save_to_disk"):
+        load_examples(tmp_path / "folder")
+
+
+def test_hub_ids_and_their_readings():
+    assert hub_candidates("hf:imdb") == [("imdb", None)]
+    assert hub_candidates("hf:glue/sst2") == [("glue/sst2", None), ("glue", "sst2")]  # an owner or a config
+    assert hub_candidates("hf:nyu-mll/glue/sst2") == [("nyu-mll/glue", "sst2")]
+    for bad in ("hf:", "hf:a//b", "hf:a/b/c/d"):
+        with pytest.raises(DataError, match="is not a hub dataset id: use hf:NAME, hf:NAME/CONFIG"):
+            hub_candidates(bad)
+
+
+def test_hub_id_offline_fails_at_once_in_one_line():
+    with pytest.raises(DataError) as err:
+        load_examples("hf:moe-prefix-test/no-such-dataset")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("hf:moe-prefix-test/no-such-dataset: the Hugging Face hub is unreachable")
+    assert "(HF_HUB_OFFLINE is set)" in message
+    assert "save_to_disk(FOLDER)" in message and "data.source=FOLDER" in message
+
+
+def test_generation_records_from_a_saved_dataset_dict(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"mr": ["a", "b", "a"], "ref": ["x", "y", "z"]})
+    val = datasets.Dataset.from_dict({"mr": ["c"], "ref": [["u", "v"]]})  # a list of references per row
+    datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "gen"))
+    assert load_generation_records(tmp_path / "gen", "mr", "ref", split="train") == [
+        {"id": "0", "input": "a", "targets": ["x", "z"]},
+        {"id": "1", "input": "b", "targets": ["y"]},
+    ]
+    assert load_generation_records(tmp_path / "gen", "mr", "ref", split="validation")[0]["targets"] == ["u", "v"]
+    with pytest.raises(DataError, match=r"gen\[train\]: no column 'input' \(columns present: mr, ref\); set data"):
+        load_generation_records(tmp_path / "gen", split="train")
+
+
 # ---------------------------------------------------------------------------------------------------
 # splits and labels
 
@@ -181,6 +344,12 @@ def test_train_val_split_rejects_bad_fraction(fraction):
 def test_label_vocab_is_sorted():
     assert build_label_vocab([_ex("pos"), _ex("neg"), _ex("pos")]) == {"neg": 0, "pos": 1}
     assert build_label_vocab([_ex(10), _ex(2), _ex(1)]) == {1: 0, 2: 1, 10: 2}
+
+
+def test_single_class_training_labels_are_an_error():
+    check_classes([_ex("a"), _ex("b")], "stars")
+    with pytest.raises(DataError, match=r"training data has a single class \('pos'\) in column 'stars'"):
+        check_classes([_ex("pos"), _ex("pos", 1)], "stars")
 
 
 def test_check_labels_names_unseen():

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_run_overrides, write_reviews_csv
 from nbclient import NotebookClient
 
-from moe_prefix.analysis.report import analyze_run
+from moe_prefix.tools.analyze import analyze_run
 from moe_prefix.train.engine import fit
 from moe_prefix.train.run_config import load_config
 

@@ -28,7 +28,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moe_prefix.injection import PrefixState
-from moe_prefix.train.datamodule import subsample
 
 from .geometry import effective_rank, linear_cka, mahalanobis_distance, mean_cosine_to_reference, principal_angles
 
@@ -39,17 +38,7 @@ __all__ = [
     "mean_by_group",
     "prefix_attention_mass",
     "prefix_key_geometry",
-    "validation_batches",
 ]
-
-
-def validation_batches(data, max_examples: int | None = None, seed: int = 0):
-    """Batches of a seeded random subset of ``data.val_set`` (in split order; None: all of it).
-
-    A random subset rather than the first examples: splits are often ordered by group, and the first N
-    examples may all come from one domain.
-    """
-    return data.eval_loader(subsample(data.val_set, max_examples, seed))
 
 
 def _limited(batches: Iterable[Mapping[str, Tensor]], max_examples: int | None, progress: bool, desc: str):
@@ -85,7 +74,7 @@ def prefix_attention_mass(
     """λ per example, layer and query head, over a dataset; per routed expert in concat mode.
 
     ``batches``: dicts with input_ids, attention_mask (b t) and optionally group_ids, has_group, index (b),
-    e.g. ``validation_batches(data)``. λ is averaged over each example's real query tokens.
+    e.g. ``moe_prefix.tools.analyze.validation_batches(data)``. λ is averaged over each example's real query tokens.
 
     Returns numpy arrays:
     - ``total`` (n l h): attention mass on the whole prefix;

@@ -1,4 +1,4 @@
-"""Analysis report of one run directory: `analyze_run(run_dir)` writes RUN_DIR/analysis/report.md + PNGs.
+"""Analysis report of one run: `write_report` writes report.md + PNGs (`moe-prefix analyze RUN_DIR` calls it).
 
 Sections: routing by group (NMI and its permutation test), expert load and router entropy over training,
 routing collapse, the prefix attention mass λ (He et al. 2022) per layer × head, per expert and per group,
@@ -6,7 +6,8 @@ prefix lengths (Spearman with bootstrap intervals), and the geometry of the bank
 with a 95 % bootstrap interval or a p-value; a section that does not apply to the run (a baseline without a
 router, a single expert, fixed lengths) says why in one sentence instead.
 
-The readers and plot functions are public so the notebooks in `analysis/` reuse them. Figures are
+The plot functions are public so the notebooks in `analysis/` reuse them; the run directory's tables are
+read by `moe_prefix.train.run_dir` (`read_routing_table`, `read_training_log`). Figures are
 `matplotlib.figure.Figure` objects drawn with the Agg canvas: no pyplot state, no display needed.
 
 Axes: n - examples, e - experts, k - banks per input, l - layers, h - heads, g - groups.
@@ -14,10 +15,8 @@ Axes: n - examples, e - experts, k - banks per input, l - layers, h - heads, g -
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from moe_prefix.router import detect_collapse
-from moe_prefix.train import run_dir as rd
-from moe_prefix.train.run_config import ConfigError
 
 from . import probes
-from .routing_stats import expert_load, nmi_permutation_test, routing_entropy
+from .routing_stats import RoutingTable, expert_load, nmi_permutation_test, routing_entropy
 from .stats import bootstrap_ci, cohens_d, spearman_with_ci
 
 __all__ = [
-    "RoutingTable",
-    "analyze_run",
+    "write_report",
     "plot_expert_similarity",
     "plot_key_distance",
     "plot_lambda_heatmap",
@@ -44,87 +40,10 @@ __all__ = [
     "plot_prefix_lengths",
     "plot_routing_heatmap",
     "plot_training_routing",
-    "read_routing_table",
-    "read_training_log",
 ]
 
-ANALYSIS_DIR = "analysis"
 REPORT_FILE = "report.md"
 N_PERMUTATIONS = 2000
-
-
-# -- reading a run directory ---------------------------------------------------------------------------
-@dataclass
-class RoutingTable:
-    """routing.csv as arrays: one row per validation example."""
-
-    ids: np.ndarray  # (n) example ids (strings)
-    groups: np.ndarray  # (n) group names, "" where the example has none (or the table has no group column)
-    loss: np.ndarray  # (n) per-example task loss
-    input_len: np.ndarray  # (n) real tokens
-    labels: np.ndarray | None = None  # (n) classification only
-    predictions: np.ndarray | None = None  # (n) classification only
-    prefix_len: np.ndarray | None = None  # (n) prefix length (mean over the chosen banks); None: no router
-    experts: np.ndarray | None = None  # (n k) chosen banks
-    weights: np.ndarray | None = None  # (n e) routing weights, zero off the chosen banks
-
-    @property
-    def routed(self) -> bool:
-        return self.weights is not None
-
-    @property
-    def num_experts(self) -> int:
-        return 0 if self.weights is None else self.weights.shape[1]
-
-    @property
-    def top1(self) -> np.ndarray:
-        """(n) expert with the largest routing weight."""
-        return self.weights.argmax(1)
-
-
-def read_routing_table(run_dir: str | Path) -> RoutingTable:
-    """Read RUN_DIR/routing.csv (classification or generation runs; the latter have no group or label)."""
-    path = Path(run_dir) / rd.ROUTING_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no {rd.ROUTING_FILE}: the run did not finish")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ConfigError(f"{path} has no rows")
-    col = {key: [r[key] for r in rows] for key in rows[0]}
-    table = RoutingTable(
-        ids=np.array(col["id"]),
-        groups=np.array(col.get("group", [""] * len(rows))),
-        loss=np.array(col["loss"], dtype=float),
-        input_len=np.array(col["input_len"], dtype=int),
-    )
-    if "label" in col:
-        table.labels = np.array(col["label"], dtype=int)
-        table.predictions = np.array(col["prediction"], dtype=int)
-    weight_keys = sorted((k for k in col if k[:1] == "w" and k[1:].isdigit()), key=lambda k: int(k[1:]))
-    if weight_keys:
-        table.prefix_len = np.array(col["prefix_len"], dtype=float)
-        table.experts = np.array([[int(i) for i in s.split()] for s in col["experts"]], dtype=int)
-        table.weights = np.array([col[k] for k in weight_keys], dtype=float).T
-    return table
-
-
-def read_training_log(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """RUN_DIR/logs/metrics.csv as {key: (steps, values)}, keeping only the rows where the key was logged."""
-    path = Path(run_dir) / rd.LOG_DIR / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    log = {}
-    for key in rows[0] if rows else []:
-        if key in ("step", "epoch"):
-            continue
-        pairs = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        if pairs:
-            steps, values = map(np.array, zip(*pairs, strict=True))
-            log[key] = (steps, values)
-    return log
 
 
 # -- figures --------------------------------------------------------------------------------------------
@@ -549,8 +468,8 @@ def _geometry_section(rep: _Report, mixture, distance: probes.KeyDistance | None
     )
 
 
-def _header(rep: _Report, run_dir: Path, cfg) -> None:
-    rep.add(f"# Analysis of run `{run_dir.name}`")
+def _header(rep: _Report, run_name: str, cfg, metrics: dict | None) -> None:
+    rep.add(f"# Analysis of run `{run_name}`")
     p = cfg.prefix
     desc = f"method `{cfg.model.method}`, backbone `{cfg.model.backbone}`"
     if cfg.model.method == "prefix":
@@ -560,51 +479,40 @@ def _header(rep: _Report, run_dir: Path, cfg) -> None:
             f"combine `{p.combine}`, length `{p.length}`, router input `{p.router_input}`, mode `{p.prefix_mode}`"
         )
     rep.add(desc + ".")
-    metrics = rd.read_metrics(run_dir)
     if metrics is not None:
         shown = {k: v for k, v in metrics.items() if k.startswith("val/acc") or k in ("val/loss", "val/f1")}
         rep.table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in sorted(shown.items())])
 
 
-def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: bool = True) -> Path:
-    """Write RUN_DIR/analysis/report.md and its PNG figures; returns the report's path.
+def write_report(
+    folder: Path,
+    run_name: str,
+    cfg,
+    metrics: dict | None,
+    table: RoutingTable,
+    training_log: dict,
+    mixture=None,
+    mass: dict | None = None,
+    distance: probes.KeyDistance | None = None,
+    group_names: list[str] | None = None,
+    skip: str | None = None,
+) -> Path:
+    """Write folder/report.md and its PNG figures from what a run left and what the probes measured.
 
-    ``max_examples`` caps the validation examples run through the model for λ and the key distances
-    (a seeded random subset; None: all); the routing statistics always use the whole routing.csv.
+    ``mixture``, ``mass`` and ``distance`` are None where the model was not probed; ``skip`` then says why
+    in one sentence. Returns the report's path.
     """
-    from moe_prefix.train.engine import load_run
-
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
-    run_dir = Path(run_dir)
-    cfg = rd.read_config(run_dir)
-    table = read_routing_table(run_dir)
     if len(table.ids) < 2:
-        raise ConfigError(f"{run_dir} has {len(table.ids)} validation example(s): the statistics need at least 2")
-    training_log = read_training_log(run_dir)
-    folder = run_dir / ANALYSIS_DIR
+        raise ValueError(f"{len(table.ids)} validation example(s): the statistics need at least 2")
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*.png"):
         old.unlink()  # figures of a section that is skipped this time must not linger
     rep = _Report(folder)
-    _header(rep, run_dir, cfg)
-
-    mixture, mass, distance, group_names, skip = None, None, None, [], None
-    if cfg.model.method == "prefix" and cfg.model.task != "classification":
-        skip = f"the model probes read classification batches; this is a {cfg.model.task} run."
-    elif cfg.model.method == "prefix":
-        cfg, built = load_run(run_dir, cfg)
-        data = built.data
-        mixture, group_names = built.network.mixture, list(data.group_names)
-        loader = probes.validation_batches(data, max_examples)
-        if cfg.prefix.prefix_mode != "decoupled":
-            mass = probes.prefix_attention_mass(mixture, loader, progress=progress)
-        distance = probes.key_distance(mixture, loader, progress=progress)
-
+    _header(rep, run_name, cfg, metrics)
     _routing_section(rep, table)
     _training_section(rep, table, training_log)
     _collapse_section(rep, table, training_log)
-    _lambda_section(rep, mixture, mass, group_names, skip)
+    _lambda_section(rep, mixture, mass, group_names or [], skip)
     _length_section(rep, table)
     _geometry_section(rep, mixture, distance, skip)
     path = folder / REPORT_FILE

@@ -16,6 +16,7 @@ labelings being compared.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -180,3 +181,31 @@ def nmi_permutation_test(
         tables = np.bincount(flat.ravel(), minlength=r * ka * kb).reshape(r, ka, kb)
         count += int(np.count_nonzero(_mutual_info(tables, rows, cols, n) >= observed - gamma))
     return nmi, (count + 1) / (n_permutations + 1)
+
+
+@dataclass
+class RoutingTable:
+    """routing.csv as arrays: one row per validation example."""
+
+    ids: np.ndarray  # (n) example ids (strings)
+    groups: np.ndarray  # (n) group names, "" where the example has none (or the table has no group column)
+    loss: np.ndarray  # (n) per-example task loss
+    input_len: np.ndarray  # (n) real tokens
+    labels: np.ndarray | None = None  # (n) classification only
+    predictions: np.ndarray | None = None  # (n) classification only
+    prefix_len: np.ndarray | None = None  # (n) prefix length (mean over the chosen banks); None: no router
+    experts: np.ndarray | None = None  # (n k) chosen banks
+    weights: np.ndarray | None = None  # (n e) routing weights, zero off the chosen banks
+
+    @property
+    def routed(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def num_experts(self) -> int:
+        return 0 if self.weights is None else self.weights.shape[1]
+
+    @property
+    def top1(self) -> np.ndarray:
+        """(n) expert with the largest routing weight."""
+        return self.weights.argmax(1)

@@ -92,7 +92,7 @@ def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = Fals
 
 
 def analyze_command(run_dir: str, max_examples: int | None) -> int:
-    from moe_prefix.analysis.report import analyze_run
+    from moe_prefix.tools.analyze import analyze_run
 
     print(f"report written to {analyze_run(run_dir, max_examples=max_examples)}")
     return 0

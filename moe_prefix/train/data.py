@@ -189,8 +189,8 @@ def _check_text(text: Any, where: str, line_no: int | str, column: str) -> str:
         raise DataError(f"{where}:{line_no}: no value in text column {column!r}")
     if not isinstance(text, str):
         raise DataError(
-            f"{where}:{line_no}: text column {column!r} holds a {type(text).__name__} ({_preview(text)}); "
-            "expected a string"
+            f"{where}:{line_no}: text column {column!r} holds a value of type {type(text).__name__} "
+            f"({_preview(text)}); expected a string"
         )
     return text
 
@@ -204,8 +204,8 @@ def _group_name(value: Any, where: str, line_no: int | str, column: str) -> str 
     if isinstance(value, int):
         return str(value)
     raise DataError(
-        f"{where}:{line_no}: group column {column!r} holds a {type(value).__name__} ({_preview(value)}); "
-        "expected a string or an integer"
+        f"{where}:{line_no}: group column {column!r} holds a value of type {type(value).__name__} "
+        f"({_preview(value)}); expected a string or an integer"
     )
 
 
@@ -368,9 +368,11 @@ def _open_dataset(source: str | Path):
         import pyarrow.parquet
 
         try:  # the footer first: datasets would log its own error lines before failing on a broken file
-            pyarrow.parquet.read_metadata(path)
+            rows = pyarrow.parquet.read_metadata(path).num_rows
         except Exception as err:
             raise DataError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
+        if rows == 0:  # datasets cannot build a table of no rows from parquet
+            raise DataError(f"{path}: no examples (the table has no rows)")
         return datasets.Dataset.from_parquet(str(path))
     try:
         return datasets.load_from_disk(str(path))

@@ -23,9 +23,12 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from moe_prefix.analysis.routing_stats import RoutingTable
 
 from .checkpointing import check_compatible
 from .networks import trainable_state_dict
@@ -128,3 +131,48 @@ def load_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
     weights = load_file(str(path))
     check_compatible(weights, trainable_state_dict(network), saved_backbone, cfg.model.backbone)
     network.load_state_dict(weights, strict=False)
+
+
+def read_routing_table(run_dir: str | Path) -> RoutingTable:
+    """Read RUN_DIR/routing.csv (classification or generation runs; the latter have no group or label)."""
+    path = Path(run_dir) / ROUTING_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {ROUTING_FILE}: the run did not finish")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ConfigError(f"{path} has no rows")
+    col = {key: [r[key] for r in rows] for key in rows[0]}
+    table = RoutingTable(
+        ids=np.array(col["id"]),
+        groups=np.array(col.get("group", [""] * len(rows))),
+        loss=np.array(col["loss"], dtype=float),
+        input_len=np.array(col["input_len"], dtype=int),
+    )
+    if "label" in col:
+        table.labels = np.array(col["label"], dtype=int)
+        table.predictions = np.array(col["prediction"], dtype=int)
+    weight_keys = sorted((k for k in col if k[:1] == "w" and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    if weight_keys:
+        table.prefix_len = np.array(col["prefix_len"], dtype=float)
+        table.experts = np.array([[int(i) for i in s.split()] for s in col["experts"]], dtype=int)
+        table.weights = np.array([col[k] for k in weight_keys], dtype=float).T
+    return table
+
+
+def read_training_log(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """RUN_DIR/logs/metrics.csv as {key: (steps, values)}, keeping only the rows where the key was logged."""
+    path = Path(run_dir) / LOG_DIR / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    log = {}
+    for key in rows[0] if rows else []:
+        if key in ("step", "epoch"):
+            continue
+        pairs = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if pairs:
+            steps, values = map(np.array, zip(*pairs, strict=True))
+            log[key] = (steps, values)
+    return log
