@@ -14,6 +14,7 @@ ROUTER_INPUTS = ("embeddings", "hidden", "group")
 LENGTH_MODES = ("fixed", "expert", "learned")
 INITS = ("random", "tokens")
 PREFIX_MODES = ("softmax", "decoupled")
+ROUTER_INITS = ("random", "kmeans")
 ATTENTION_PATHS = ("auto", "split", "joint")
 
 
@@ -33,6 +34,10 @@ class PrefixConfig:
     combine: str = "blend"  # blend: weighted sum of keys/values (P positions); concat: banks side by side (k·P)
     temperature: float = 1.0  # router softmax temperature
     router_noise: float = 1.0  # std of Gaussian noise on router logits in training (topk only; Shazeer 2017)
+    router_init: str = "random"  # random: N(0, 0.02) weights; kmeans: nearest-centroid router from k-means with E
+    # clusters over the router features of training inputs, before the first step (it keeps learning)
+    balanced_routing: bool = False  # training only: choose each batch's top-k by a Sinkhorn-balanced assignment,
+    # so every expert gets b*k/E slots of every batch and none starves (BASE layers, Lewis et al. 2021)
     router_input: str = "embeddings"  # embeddings: masked mean of frozen input embeddings (free)
     # hidden: masked mean of a frozen pre-pass up to router_layer; group: oracle group id (ablations)
     router_layer: int = 2  # number of backbone layers the hidden pre-pass runs (router_input="hidden")
@@ -51,8 +56,8 @@ class PrefixConfig:
     init_std: float = 0.02
     prefix_mode: str = "softmax"  # softmax: prefix positions join the attention softmax (Li & Liang);
     # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
-    attention_path: str = "auto"  # auto: tokens on the fused kernel, merged by log-sum-exp, where that applies
-    # (else joint); split: that or an error; joint: one softmax over [prefix, tokens] (moe_prefix/injection.py)
+    attention_path: str = "auto"  # split: tokens on the fused kernel, prefix beside, merged by log-sum-exp (an
+    # error where it cannot run); joint: one softmax over [prefix, tokens]; auto: split on CUDA where it applies
     train_modules: tuple[str, ...] = field(default_factory=tuple)  # backbone parameter-name prefixes that train
     # (a freshly initialised task head such as "classifier" or "score")
 
@@ -63,6 +68,7 @@ class PrefixConfig:
         _choice("length", self.length, LENGTH_MODES)
         _choice("init", self.init, INITS)
         _choice("prefix_mode", self.prefix_mode, PREFIX_MODES)
+        _choice("router_init", self.router_init, ROUTER_INITS)
         _choice("attention_path", self.attention_path, ATTENTION_PATHS)
         if self.num_experts < 1:
             raise ValueError(f"prefix.num_experts must be >= 1, got {self.num_experts}")
@@ -92,6 +98,8 @@ class PrefixConfig:
             raise ValueError(f"prefix.length_tau must be > 0, got {self.length_tau}")
         if self.init == "tokens" and self.reparam:
             raise ValueError("prefix.init=tokens sets bank tensors directly; it cannot be combined with reparam=true")
+        if self.router_init == "kmeans" and self.router_input == "group":
+            raise ValueError("prefix.router_init=kmeans clusters input features; with router_input=group use random")
         if self.prefix_mode == "decoupled" and self.length != "fixed":
             raise ValueError("prefix.prefix_mode=decoupled supports only prefix.length=fixed")
         self.train_modules = tuple(self.train_modules)

@@ -219,6 +219,19 @@ class PrefixMixture(nn.Module):
             layers.append(rearrange(kv, "c h (e p) d -> e c h p d", e=self.cfg.num_experts))
         self.bank.set_from_activations(torch.stack(layers, dim=1))
 
+    @torch.no_grad()
+    def init_router_kmeans(self, batches, seed: int = 0) -> Tensor:
+        """Start the router as a nearest-centroid router over k-means clusters (prefix.router_init=kmeans).
+
+        `batches` yields dicts with input_ids and attention_mask (and group_ids where routing uses them),
+        e.g. a sample of the training set; returns each input's cluster (n). Experts thus begin with
+        distinct regions of input space instead of hoping a random router separates them.
+        """
+        features = torch.cat(
+            [self.router_features(b["input_ids"], b.get("attention_mask"), b.get("group_ids")) for b in batches]
+        )
+        return self.router.init_from_kmeans(features, seed)
+
     def fold(self) -> None:
         """Fold the reparameterisation into plain tensors (for inference and export)."""
         self.bank.fold()

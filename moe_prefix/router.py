@@ -10,6 +10,7 @@ banks, so they always sum to one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PrefixConfig
+
+KMEANS_MARGIN = 2.0  # mean best-vs-second logit gap of a fresh k-means router, in nats
 
 
 class RouterOutput(NamedTuple):
@@ -113,6 +116,66 @@ def detect_collapse(load: Any, threshold: float = 0.9) -> CollapseReport:
     return CollapseReport(bool(share[top] >= threshold), top, float(share[top]))
 
 
+def kmeans(x: Tensor, k: int, seed: int = 0, iters: int = 50) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means with k-means++ seeding: x (n m) -> centroids (k m), assignment (n).
+
+    Deterministic given the seed (its own generator; the global random state is untouched). A cluster
+    that empties keeps its previous centroid.
+    """
+    x = x.detach().double()
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {n}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    centroids = x[torch.randint(n, (1,), generator=g)]
+    for _ in range(1, k):  # k-means++: the next centre with probability proportional to the squared distance
+        d2 = torch.cdist(x, centroids).pow(2).min(1).values
+        pick = torch.multinomial((d2 / d2.sum()).cpu(), 1, generator=g) if d2.sum() > 0 else torch.tensor([0])
+        centroids = torch.cat([centroids, x[pick.to(x.device)]])
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+        if torch.equal(new, centroids):
+            break
+        centroids = new
+    return centroids, torch.cdist(x, centroids).argmin(1)
+
+
+def balanced_topk(scores: Tensor, k: int, iters: int = 20) -> Tensor:
+    """Indices (b k) of a top-k choice balanced over experts: scores (b e) -> indices (b k), best first.
+
+    Each expert gets about b*k/e of the batch's b*k slots, whatever the scores (the balanced assignment of
+    BASE layers, Lewis et al. 2021, approximated). Sinkhorn iterations first rescale exp(scores) towards
+    rows summing to k and columns to b*k/e, so that an input's preference is measured against what the
+    others want. Then k rounds each give every input one more expert: slots are filled greedily in order
+    of preference, at most ceil(b/e) per expert and round, never an expert the input already has. Only
+    an input left with nothing but full experts goes over a capacity (its best free expert), which k = 1
+    never needs. No gradient flows through the choice.
+    """
+    b, e = scores.shape
+    log_p = scores.detach().double().cpu()
+    log_row, log_col = math.log(k), math.log(b * k / e)
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, 0, keepdim=True) + log_col
+        log_p = log_p - torch.logsumexp(log_p, 1, keepdim=True) + log_row
+    order = log_p.flatten().argsort(descending=True).tolist()
+    capacity = math.ceil(b / e)
+    taken = torch.zeros(b, e, dtype=torch.bool)
+    for _ in range(k):
+        done, per_expert = [False] * b, [0] * e
+        for flat in order:
+            row, expert = divmod(flat, e)
+            if not done[row] and not taken[row, expert] and per_expert[expert] < capacity:
+                taken[row, expert], done[row] = True, True
+                per_expert[expert] += 1
+        for row in (r for r in range(b) if not done[r]):
+            taken[row, log_p[row].masked_fill(taken[row], float("-inf")).argmax()] = True
+    ranked = scores.detach().masked_fill(~taken.to(scores.device), float("-inf"))
+    return ranked.topk(k, dim=-1).indices
+
+
 class Router(nn.Module):
     """Maps per-input features (b m) to a RouterOutput."""
 
@@ -122,8 +185,32 @@ class Router(nn.Module):
         # Features are means of frozen embeddings whose scale varies by model; a parameter-free
         # LayerNorm makes the initial logit scale model-independent.
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False) if normalize else nn.Identity()
-        self.proj = nn.Linear(feature_dim, cfg.num_experts, bias=False)
+        # A bias only for the k-means router: nearest-centroid logits need -|c_e|^2 / 2 per expert.
+        self.proj = nn.Linear(feature_dim, cfg.num_experts, bias=cfg.router_init == "kmeans")
         nn.init.normal_(self.proj.weight, std=0.02)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    @torch.no_grad()
+    def init_from_kmeans(self, features: Tensor, seed: int = 0, margin: float = KMEANS_MARGIN) -> Tensor:
+        """Start as a nearest-centroid router over k-means clusters of features (n m); returns the clusters (n).
+
+        logit_e = s (x . c_e - |c_e|^2 / 2) = -s |x - c_e|^2 / 2 + (a term equal for every expert), so the
+        arg-max is the nearest centroid; s sets the mean gap between the best and the second-best logit on
+        these features to `margin` (in nats), large enough to survive the training noise, small enough to
+        let the task gradient move inputs between experts.
+        """
+        if self.proj.bias is None:
+            raise ValueError("init_from_kmeans needs a router built with prefix.router_init=kmeans")
+        x = self.norm(features.to(self.proj.weight.dtype)).double()
+        centroids, assign = kmeans(x, self.cfg.num_experts, seed)
+        raw = x @ centroids.T - centroids.pow(2).sum(1) / 2  # (n e)
+        top2 = raw.topk(min(2, raw.shape[1]), dim=-1).values
+        gap = (top2[:, 0] - top2[:, -1]).mean() if raw.shape[1] > 1 else raw.new_tensor(1.0)
+        scale = margin / gap.clamp_min(1e-12)
+        self.proj.weight.copy_((scale * centroids).to(self.proj.weight.dtype))
+        self.proj.bias.copy_((-scale * centroids.pow(2).sum(1) / 2).to(self.proj.bias.dtype))
+        return assign
 
     def forward(self, features: Tensor) -> RouterOutput:
         cfg = self.cfg
@@ -138,7 +225,11 @@ class Router(nn.Module):
             noisy = logits
             if self.training and cfg.router_noise > 0:
                 noisy = logits + torch.randn_like(logits) * cfg.router_noise
-            top, indices = noisy.topk(cfg.k, dim=-1)
+            if self.training and cfg.balanced_routing:
+                indices = balanced_topk(noisy, cfg.k)
+                top = noisy.gather(-1, indices)
+            else:
+                top, indices = noisy.topk(cfg.k, dim=-1)
             log_w = torch.log_softmax(top / cfg.temperature, dim=-1)
             if cfg.k == 1:
                 # A single renormalised weight is always 1 and passes no gradient to the router.

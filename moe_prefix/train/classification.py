@@ -65,6 +65,7 @@ class ClassificationModule(PrefixTrainingModule):
                 "prediction": int(preds[i]),
                 "loss": float(losses[i]),
                 "input_len": int(lengths[i]),
+                "group": int(batch["group_ids"][i]) if batch["has_group"][i] else -1,
             }
             self.rows.append(row | routing_row(out.routing, i))
 
@@ -112,7 +113,8 @@ def eval_loader(built: Built, data_file: str | None):
         return data.val_dataloader(), "val"
     d = data.cfg.data
     columns = (d.text_column, d.label_column, d.group_column)
-    examples = data_io.load_examples(data_file, *columns, split=d.val_split, drop_empty_texts=d.drop_empty_texts)
+    drop, seed = d.drop_empty_texts, d.split_seed
+    examples = data_io.load_examples(data_file, *columns, split=d.val_split, drop_empty_texts=drop, seed=seed)
     data_io.check_labels(data.train_examples, examples)
     return data.eval_loader(data.encode_examples(examples)), Path(data_file).stem
 

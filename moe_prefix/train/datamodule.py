@@ -113,6 +113,15 @@ class TrainData(L.LightningDataModule):
         """The first n training examples as one batch (their keys/values seed banks with prefix.init=tokens)."""
         return self.collate(self.train_set[:n])
 
+    def router_sample(self, n: int, seed: int):
+        """Batches of a seeded random sample of n training inputs, as the router sees them."""
+        batches = self.eval_loader(subsample(self.train_set, n, seed))
+        return [{**b, **self.router_view(b)} for b in batches]
+
+    def router_view(self, batch: dict) -> dict:
+        """The part of a training batch the router reads (generation: the prompt alone)."""
+        return {}
+
     def train_dataloader(self):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -172,7 +181,8 @@ class ClassificationData(TrainData):
 
         def read(source: str, split: str | None) -> list[data_io.TextExample]:
             columns = (d.text_column, d.label_column, d.group_column)
-            return data_io.load_examples(source, *columns, split=split, drop_empty_texts=d.drop_empty_texts)
+            drop, seed = d.drop_empty_texts, d.split_seed  # seed: the subsample of multisource4, same for every arm
+            return data_io.load_examples(source, *columns, split=split, drop_empty_texts=drop, seed=seed)
 
         train, val = read_train_val(d, read, data_io.train_val_split)
         train = subsample(train, d.max_train_examples, d.split_seed)

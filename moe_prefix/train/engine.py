@@ -31,6 +31,7 @@ from .module import Built, NonFiniteLossError, PrefixTrainingModule, Task
 from .run_config import ConfigError, RunConfig, check_sources
 
 INTERRUPT_CHECKPOINT = "interrupted.ckpt"  # written on Ctrl-C or a crash, next to Lightning's last.ckpt
+KMEANS_SAMPLE = 2048  # training inputs whose router features k-means clusters (prefix.router_init=kmeans)
 TASKS: dict[str, Task] = {"classification": classification, "generation": generation}
 
 
@@ -72,9 +73,13 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     task = _prepare(cfg)
     built = task.build(cfg)
     rd.create(cfg, run_dir)  # the data and the backbone loaded: nothing is written for a failed check
-    if cfg.prefix.init == "tokens" and built.network.mixture is not None and not resume:
-        batch = built.data.first_training_batch(task.INIT_SEQUENCES)
-        built.network.mixture.init_from_text(batch["input_ids"], batch["attention_mask"], seed=cfg.seed)
+    mixture = built.network.mixture
+    if mixture is not None and not resume:  # a resumed run loads these from its checkpoint
+        if cfg.prefix.init == "tokens":
+            batch = built.data.first_training_batch(task.INIT_SEQUENCES)
+            mixture.init_from_text(batch["input_ids"], batch["attention_mask"], seed=cfg.seed)
+        if cfg.prefix.router_init == "kmeans":
+            mixture.init_router_kmeans(built.data.router_sample(KMEANS_SAMPLE, cfg.seed), seed=cfg.seed)
     module = task.make_module(built, cfg)
     stats = _train(cfg, run_dir, module, built.data, resume)
     if stats is None:

@@ -171,6 +171,9 @@ class GenerationData(TrainData):
             "references": [records[x.index]["targets"] for x in items],
         }
 
+    def router_view(self, batch: dict) -> dict:
+        return {"input_ids": batch["router_input_ids"], "attention_mask": batch["router_attention_mask"]}
+
     def generation_loader(self, prompts: list[Encoded], records):
         return self.eval_loader(prompts, collate=lambda items: self.collate_prompts(items, records))
 

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from moe_prefix.analysis.routing_stats import normalized_mutual_info
 from moe_prefix.router import detect_collapse
 
 from .checkpointing import check_compatible
@@ -45,7 +47,9 @@ def routing_metrics(rows: list[dict], num_experts: int, prefix: str = "val") -> 
     """Routing statistics of validation rows; warns on a collapse. Empty when the rows carry no routing.
 
     Slot counts (`load`) cannot show a collapse under top-k > 1 (no expert fills more than 1/k of the
-    slots); the mean routing weight (`weight`), each expert's share of the prefix, can.
+    slots); the mean routing weight (`weight`), each expert's share of the prefix, can. An expert is dead
+    when its share is below 1/(4E). Where rows carry a group (>= 0), `nmi` is the normalised mutual
+    information between each example's top-1 expert and its group.
     """
     if not rows or "weights" not in rows[0]:
         return {}
@@ -56,10 +60,17 @@ def routing_metrics(rows: list[dict], num_experts: int, prefix: str = "val") -> 
     metrics = {
         f"{prefix}/router_entropy": float(summary["entropy"]),
         f"{prefix}/prefix_len": sum(r["prefix_len"] for r in rows) / len(rows),
+        f"{prefix}/dead_experts": int((share < 1 / (4 * num_experts)).sum()),
     }
     for i, (load, weight) in enumerate(zip(summary["load"], share, strict=True)):
         metrics[f"{prefix}/load/e{i}"] = float(load)
         metrics[f"{prefix}/weight/e{i}"] = float(weight)
+    grouped = [
+        (r["group"], w) for r, w in zip(rows, weights.argmax(1).tolist(), strict=True) if r.get("group", -1) >= 0
+    ]
+    if grouped:
+        groups, top1 = zip(*grouped, strict=True)
+        metrics[f"{prefix}/nmi"] = normalized_mutual_info(np.array(top1), np.array(groups))
     collapse = num_experts > 1 and detect_collapse(share.numpy())
     if collapse:
         warnings.warn(
@@ -170,11 +181,12 @@ class PrefixTrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        head = [p for n, p in self.network.named_parameters() if p.requires_grad and n.startswith("head.")]
-        rest = [p for n, p in self.network.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        groups = [{"params": rest, "lr": o.lr}]
-        if head:
-            groups.append({"params": head, "lr": o.head_lr or o.lr})
+        # Groups: prefix side (lr), a new task head (head_lr), the router (router_lr); empty ones dropped.
+        groups = [{"params": [], "lr": lr} for lr in (o.lr, o.head_lr or o.lr, o.router_lr or o.lr)]
+        for name, param in self.network.named_parameters():
+            if param.requires_grad:
+                part = 1 if name.startswith("head.") else 2 if ".router." in f".{name}" else 0
+                groups[part]["params"].append(param)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=o.weight_decay)
         if o.schedule == "constant":
             return optimizer

@@ -33,7 +33,8 @@ class SoftPrompt(nn.Module):
         super().__init__()
         embeddings = backbone.get_input_embeddings()
         # Start from real vocabulary embeddings (Lester et al. found this beats random init).
-        rows = torch.randperm(embeddings.weight.shape[0], generator=torch.Generator().manual_seed(0))[:length]
+        # Drawn from the global generator, which the run's seed sets: each seed starts from other tokens.
+        rows = torch.randperm(embeddings.weight.shape[0])[:length]
         self.prompt = nn.Parameter(embeddings.weight[rows].detach().clone())
 
     def forward(self, backbone, input_ids, attention_mask, **kwargs):

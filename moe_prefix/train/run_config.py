@@ -83,6 +83,7 @@ class OptimConfig:
     schedule: str = "onecycle"  # onecycle (warm-up then cosine decay), cosine, constant
     warmup_fraction: float = 0.1
     head_lr: float | None = None  # learning rate of a new task head; null: the same as lr
+    router_lr: float | None = None  # learning rate of the router (its own parameter group); null: the same as lr
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
