@@ -10,7 +10,7 @@ same prefix on recomputation.
 
 Two ways to compute softmax attention over [prefix, tokens], equal up to rounding:
 
-- split (`attention_path="auto"` picks it where it applies): softmax over [prefix, tokens] is the two
+- split (`attention_path="auto"` picks it on CUDA where it applies): softmax over [prefix, tokens] is the two
   partial attentions, over the real keys and over the P prefix keys, merged by their log-sum-exp
   (L = logaddexp(L_t, L_p), out = e^(L_t - L) out_t + e^(L_p - L) out_p, the identity ring and cascade
   attention use). The token part runs on torch's fused kernel exactly as the frozen model would (flash with
@@ -22,7 +22,9 @@ Two ways to compute softmax attention over [prefix, tokens], equal up to roundin
   sdpa or eager function called. It runs when the model asked for eager attention, with attention
   dropout in training (the fused CPU kernel has none, and the split would not reproduce the joint
   path's dropout draws), when probes need the joint attention weights, for position biases, softcapping
-  or attention sinks, on devices without a log-sum-exp kernel, or when `attention_path="joint"`.
+  or attention sinks, on devices without a log-sum-exp kernel, or when `attention_path="joint"`; and
+  under "auto" on the CPU, where sdpa's fused kernel takes the joint mask itself and the split only adds
+  its prefix part (`attention_path="split"` forces it there, as the tests do).
   The decoupled prefix mode never prepends anything and calls the model's own function for the tokens.
 
 Axes: b - batch, h - heads (key/value heads where g is present), g - query heads per key/value head,
@@ -294,7 +296,7 @@ class _SplitPrefixAttention(torch.autograd.Function):
             delta = (dout * out.unflatten(1, lse.shape[1:3]).to(acc)).sum(-1, keepdim=True)
             dscores = probs * (torch.einsum("bhgqd,bhpd->bhgqp", dout, prefix_value.to(acc)) - delta)
             dq_prefix = torch.einsum("bhgqp,bhpd->bhgqd", dscores, prefix_key.to(acc)) * ctx.scale
-            dq = dq + dq_prefix.flatten(1, 2).to(dq.dtype)
+            dq = (dq.to(acc) + dq_prefix.flatten(1, 2)).to(dq.dtype)  # one rounding to a half-precision dq
             dkey = torch.einsum("bhgqp,bhgqd->bhpd", dscores, grouped) * ctx.scale
             dvalue = torch.einsum("bhgqp,bhgqd->bhpd", probs, dout)
             dbias = None if bias is None else dscores.sum((1, 2, 3)).to(bias.dtype)
@@ -316,7 +318,7 @@ def split_attention(q, k, v, prefix_key, prefix_value, bias, mask, causal: bool,
         return _split_forward(kernel, q, k, v, prefix_key, prefix_value, bias, mask, causal, scale)[0]
 
 
-def _token_mask(state: PrefixState, mask: Tensor, query: Tensor) -> tuple[Tensor | None, bool]:
+def _token_mask(state: PrefixState, mask: Tensor, query: Tensor, causal_model: bool) -> tuple[Tensor | None, bool]:
     """The token part's mask for the fused kernel, and whether `is_causal` without a mask replaces it.
 
     Built once per forward for each mask object the model passes (every layer passes the same one).
@@ -330,7 +332,9 @@ def _token_mask(state: PrefixState, mask: Tensor, query: Tensor) -> tuple[Tensor
         return hit[1], hit[2]
     b, q, t = query.shape[0], query.shape[2], mask.shape[-1]
     causal = False
-    if mask.dtype == torch.bool and q == t and state.query_mask is not None and state.query_mask.shape[-1] == q:
+    query_mask = state.query_mask
+    # (checked for causal models only: it reads the mask on the host, a GPU sync, once per forward)
+    if causal_model and mask.dtype == torch.bool and q == t and query_mask is not None and query_mask.shape[-1] == q:
         real = _expand_batch(state.query_mask, b).bool()[:, None, :, None]  # (b 1 q 1)
         tril = torch.ones(q, t, dtype=torch.bool, device=mask.device).tril()
         causal = bool(((mask == tril) | ~real).all())
@@ -357,8 +361,6 @@ def _split_blocker(module, state: PrefixState, kwargs, mask, q: int, t: int, fus
     """Why the split path cannot compute this call, or None when it can."""
     if not fused:
         return "the model asked for eager attention"
-    if state.probe_blocks:
-        return "probes read the joint attention weights"
     if kwargs.get("dropout", 0.0):  # transformers passes the attention dropout only in training
         return "attention dropout in training"
     for name in ("position_bias", "softcap", "s_aux", "sinks"):
@@ -375,6 +377,12 @@ def _try_split(module, state, query, key, value, attention_mask, prefix, fused, 
     """The split path's output (b q h d), or None where the joint path must run (see the module docstring)."""
     prefix_key, prefix_value, bias = prefix
     device = query.device.type
+    if state.probe_blocks:  # probes read the joint attention weights: they ask for the joint path themselves
+        return None
+    if state.attention_path == "auto" and device != "cuda":
+        # On the CPU sdpa's fused kernel takes the joint mask itself: the split keeps the same kernel and only
+        # adds its prefix part (measured slower, docs/benchmarks.md). On CUDA flash takes no mask: the split wins.
+        return None
     if torch.is_autocast_enabled(device):
         # sdpa would run in the autocast dtype; rotary embeddings in fp32 leave q, k and v in mixed dtypes
         dtype = torch.get_autocast_dtype(device)
@@ -385,7 +393,7 @@ def _try_split(module, state, query, key, value, attention_mask, prefix, fused, 
         if attention_mask is None:
             mask, causal = None, bool(getattr(module, "is_causal", False)) and q > 1
         else:
-            mask, causal = _token_mask(state, attention_mask, query)
+            mask, causal = _token_mask(state, attention_mask, query, bool(getattr(module, "is_causal", False)))
         kernel = _fused_kernel(query, mask is not None)
         if kernel is None:
             blocker = f"no fused kernel returns a log-sum-exp on {query.device.type} for head size {query.shape[-1]}"

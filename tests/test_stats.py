@@ -7,6 +7,8 @@ from moe_prefix.analysis.stats import (
     cohens_d,
     cohens_d_paired,
     holm,
+    mcnemar_exact_pvalue,
+    mcnemar_test,
     paired_permutation_test,
     spearman_with_ci,
 )
@@ -113,6 +115,43 @@ def test_holm_hand_example():
     # 0.01 -> 0.03, 0.04 -> 0.06, 0.03 -> 0.06, 0.005 -> 0.02.
     adjusted = holm([0.01, 0.04, 0.03, 0.005])
     np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
+
+
+# discordant counts (arm right only, reference right only): none, one-sided, balanced, lopsided, large
+MCNEMAR_CASES = [(0, 1), (1, 0), (0, 5), (1, 9), (3, 7), (10, 2), (5, 5), (6, 7), (0, 25), (40, 60), (1500, 1300)]
+
+
+@pytest.mark.parametrize(("only_a", "only_b"), MCNEMAR_CASES)
+def test_mcnemar_exact_matches_scipy_binomtest(only_a, only_b):
+    expected = sps.binomtest(only_a, only_a + only_b, 0.5, alternative="two-sided").pvalue
+    assert mcnemar_exact_pvalue(only_a, only_b) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_mcnemar_exact_hand_values():
+    assert mcnemar_exact_pvalue(0, 5) == 2 / 2**5  # only the two all-one-way outcomes are as extreme
+    assert mcnemar_exact_pvalue(1, 9) == 2 * (1 + 10) / 2**10
+    assert mcnemar_exact_pvalue(5, 5) == mcnemar_exact_pvalue(0, 0) == 1.0  # capped; no discordant pair
+    assert mcnemar_exact_pvalue(7, 3) == mcnemar_exact_pvalue(3, 7)  # two-sided: symmetric
+    with pytest.raises(ValueError, match="non-negative integers"):
+        mcnemar_exact_pvalue(-1, 3)
+
+
+@pytest.mark.parametrize(("only_a", "only_b"), [c for c in MCNEMAR_CASES if sum(c) > 0])
+def test_mcnemar_exact_matches_statsmodels(only_a, only_b):
+    contingency = pytest.importorskip("statsmodels.stats.contingency_tables")
+    table = [[11, only_a], [only_b, 4]]  # concordant cells do not enter the test
+    expected = contingency.mcnemar(table, exact=True).pvalue
+    assert mcnemar_exact_pvalue(only_a, only_b) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_mcnemar_test_counts_discordant_pairs():
+    a = np.array([1, 1, 1, 0, 0, 1, 0, 1], dtype=bool)
+    b = np.array([1, 0, 0, 0, 1, 1, 0, 0], dtype=bool)
+    result = mcnemar_test(a, b)
+    assert (result.only_a, result.only_b) == (3, 1)
+    assert result.pvalue == pytest.approx(sps.binomtest(3, 4, 0.5).pvalue)
+    with pytest.raises(ValueError, match="equal length"):
+        mcnemar_test(a, b[:-1])
 
 
 def test_holm_monotone_capped_and_shape_preserving():

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_overrides
+from conftest import tiny_run_overrides, write_reviews_csv
 from safetensors import safe_open
 
 from moe_prefix.train.engine import fit
@@ -34,8 +34,11 @@ def test_fit_writes_the_run_directory(tiny_backbone_dir, reviews_csv, tmp_path):
     assert keys and not any(k.startswith("body.backbone.") for k in keys), keys
     assert keys == {"body.bank.kv", "body.router.proj.weight", "head.weight", "head.bias"}
     rows = (run / "routing.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("id,group,label,prediction,loss,input_len,prefix_len,experts,w0,w1")
+    header = "id,group,label,label_name,prediction,prediction_name,loss,input_len,prefix_len,experts,w0,w1"
+    assert rows[0] == header
     assert len(rows) - 1 == 32  # 20 % of 160 examples
+    assert {row.split(",")[3] for row in rows[1:]} == {"neg", "pos"}
+    assert json.loads((run / "labels.json").read_text()) == {"label_column": "stars", "classes": ["neg", "pos"]}
 
 
 def test_fit_learns_the_generated_task(tiny_backbone_dir, reviews_csv, tmp_path):
@@ -65,34 +68,76 @@ def _fit_process(args, **kwargs):
     )
 
 
-def test_killed_run_resumes_to_the_same_metrics(tiny_backbone_dir, reviews_csv, tmp_path):
-    extra = {"trainer.max_steps": 200, "checkpoint_every_n_steps": 10, "prefix.num_experts": 3}
-    reference = _fit_process(tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "ref", **extra))
-    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+INTERRUPTED = {"trainer.max_steps": 200, "checkpoint_every_n_steps": 10, "prefix.num_experts": 3}
 
-    run = tmp_path / "killed"
-    proc = _fit_process(tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **extra))
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_backbone_dir, tmp_path_factory):
+    """The metrics of the run that the interrupted ones must reproduce."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    data = write_reviews_csv(folder / "reviews.csv")
+    reference = _fit_process(tiny_run_overrides(tiny_backbone_dir, data, folder / "ref", **INTERRUPTED))
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    return data, json.loads((folder / "ref" / "metrics.json").read_text())
+
+
+def _interrupt_mid_run(backbone, data, run, signum):
+    """Start a run and send signum mid-epoch, some time after a few checkpoints (epochs are 8 steps long)."""
+    proc = _fit_process(tiny_run_overrides(backbone, data, run, **INTERRUPTED))
     deadline = time.time() + 300
-    # Kill mid-epoch, some time after a few checkpoints (epochs are 8 steps long).
     while not (run / "checkpoints" / "step=50.ckpt").exists() and time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read())
+            pytest.fail("the run ended before it could be interrupted:\n" + proc.stdout.read())
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "metrics.json").exists(), "the run finished before the kill"
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=300)[0]
+    assert not (run / "metrics.json").exists(), "the run finished before the signal"
+    return proc.returncode, out
+
+
+def _resume_matches(run, want):
     resumed = _fit_process(["--resume", str(run)])
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
     assert out.strip().splitlines()[-1].split()[-1] == str(run)
     got = json.loads((run / "metrics.json").read_text())
-    want = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     for key in ("val/acc", "val/loss", "val/f1"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert got["steps"] == want["steps"] == 200
-    # The training log covers the whole run, before and after the kill.
+    # The training log covers the whole run, before and after the interruption.
     steps = [int(line.split(",")[1]) for line in (run / "logs/metrics.csv").read_text().splitlines()[1:]]
     assert min(steps) < 20 and max(steps) >= 190
+
+
+def test_killed_run_resumes_to_the_same_metrics(tiny_backbone_dir, uninterrupted, tmp_path):
+    data, want = uninterrupted
+    run = tmp_path / "killed"
+    code, _ = _interrupt_mid_run(tiny_backbone_dir, data, run, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    _resume_matches(run, want)
+
+
+def test_terminated_run_saves_a_checkpoint_and_resumes_to_the_same_metrics(tiny_backbone_dir, uninterrupted, tmp_path):
+    """SIGTERM, what a cluster scheduler (SLURM) sends before it preempts or times out a job: Lightning stops
+    after the current step and a checkpoint is saved there, so the resumed run loses nothing."""
+    data, want = uninterrupted
+    run = tmp_path / "terminated"
+    code, out = _interrupt_mid_run(tiny_backbone_dir, data, run, signal.SIGTERM)
+    assert code == 130, out
+    assert f"interrupted; checkpoint saved. Continue with --resume {run}" in out
+    assert (run / "checkpoints" / "interrupted.ckpt").is_file()
+    _resume_matches(run, want)
+
+
+def test_fit_resumed_after_the_end_writes_strict_json(tiny_backbone_dir, reviews_csv, tmp_path):
+    """Resuming a finished run trains nothing; its training time used to be written as NaN (not JSON)."""
+    cfg = load_config(None, tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "run"))
+    first = fit(cfg).metrics
+    again = fit(cfg, resume=True)
+    text = (again.run_dir / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
+    assert "train_time_s" in first and "train_time_s" not in metrics  # left out, not NaN
+    assert metrics["val/acc"] == first["val/acc"] and metrics["steps"] == first["steps"]
 
 
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tiny_backbone_dir, reviews_csv, tmp_path):

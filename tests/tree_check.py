@@ -1,9 +1,11 @@
 """A pytest plugin: a test session leaves the source tree as it found it.
 
 Tests write under their temporary directories only. `git status` of the checkout is read before and after
-the session; an entry that is new afterwards (a run directory, a log, a changed tracked file) fails the
-session and is named. Caches that tools keep in the tree anyway are left out. Outside a git checkout the
-check does nothing. tests/conftest.py imports the fixture; other sessions can load it with `-p tree_check`.
+the session; a path that is new afterwards (a run directory, a log, any untracked or ignored file) fails the
+session and is named. Caches that tools keep in the tree anyway are left out, and so are edits to tracked
+files: tests write files, they do not edit the source, while people working in the same checkout do, and
+their edits must not fail a test session. Outside a git checkout the check does nothing. tests/conftest.py
+imports the fixture; other sessions can load it with `-p tree_check`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def is_cache(path: str) -> bool:
 
 
 def tree_state(root: Path) -> set[str] | None:
-    """The `git status --porcelain --ignored` entries under root, one per file, caches aside.
+    """The untracked and ignored paths of `git status --porcelain --ignored` under root, caches aside.
 
     None when root is not in a git checkout (an installed copy of the tests, a source archive).
     """
@@ -34,10 +36,10 @@ def tree_state(root: Path) -> set[str] | None:
         out = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return {line for line in out.splitlines() if line.strip() and not is_cache(line[3:])}
+    return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and not is_cache(line[3:])}
 
 
-def new_entries(before: set[str], after: set[str]) -> list[str]:
+def new_paths(before: set[str], after: set[str]) -> list[str]:
     return sorted(after - before)
 
 
@@ -49,11 +51,11 @@ def source_tree_unchanged(request):
     after = tree_state(root)
     if before is None or after is None:
         return
-    new = new_entries(before, after)
+    new = new_paths(before, after)
     if new:
         named = ", ".join(new[:SHOWN]) + (f" and {len(new) - SHOWN} more" if len(new) > SHOWN else "")
         pytest.fail(
-            f"the test session changed the source tree {root} ({len(new)} new git status entries: {named}); "
+            f"the test session left {len(new)} new path(s) in the source tree {root}: {named}; "
             "tests must write only under their temporary directories (tmp_path)",
             pytrace=False,
         )

@@ -7,6 +7,8 @@ References:
 - Efron & Tibshirani, *An Introduction to the Bootstrap* (1993), ch. 13: the percentile interval.
 - Phipson & Smyth, "Permutation p-values should never be zero" (2010): the (count + 1) / (n + 1) estimate.
 - Holm, "A simple sequentially rejective multiple test procedure" (1979).
+- McNemar, "Note on the sampling error of the difference between correlated proportions" (1947); its exact
+  form is the binomial test on the discordant pairs (Edwards 1948; Dietterich 1998 for comparing classifiers).
 
 Axis key: ``n`` samples (examples, seeds, tasks), ``c`` columns (statistics computed side by side),
 ``r`` resamples or permutations.
@@ -27,6 +29,9 @@ __all__ = [
     "bootstrap_ci",
     "paired_permutation_test",
     "holm",
+    "McNemarResult",
+    "mcnemar_exact_pvalue",
+    "mcnemar_test",
     "cohens_d",
     "cohens_d_paired",
     "spearman_with_ci",
@@ -192,6 +197,48 @@ def holm(pvalues: Any) -> np.ndarray:
     adjusted = np.empty(m)
     adjusted[order] = np.minimum(stepped, 1.0)
     return adjusted.reshape(p.shape)
+
+
+class McNemarResult(NamedTuple):
+    """McNemar's exact test on paired right/wrong outcomes."""
+
+    only_a: int  # pairs that a gets right and b wrong
+    only_b: int  # pairs that b gets right and a wrong
+    pvalue: float  # two-sided
+
+
+def mcnemar_exact_pvalue(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts: a binomial test of only_a in n = only_a + only_b
+    trials with success probability 1/2.
+
+    Under H0 (a and b equally often right) each discordant pair is a fair coin. The two-sided p-value sums
+    the probabilities of all outcomes no more likely than the observed one; the binomial(n, 1/2) is symmetric,
+    so that is min(1, 2 P(X <= min(only_a, only_b))). Concordant pairs carry no information on the difference
+    and do not enter. The tail is summed in exact integers (binomial coefficients over 2**n), so it neither
+    underflows nor loses precision for thousands of pairs. No discordant pair: p = 1.
+    """
+    if only_a < 0 or only_b < 0 or int(only_a) != only_a or int(only_b) != only_b:
+        raise ValueError(f"discordant counts must be non-negative integers, got {only_a} and {only_b}")
+    n, k = int(only_a) + int(only_b), int(min(only_a, only_b))
+    tail, term = 0, 1  # term: C(n, i), updated in place (exact: C(n, i + 1) = C(n, i) (n - i) / (i + 1))
+    for i in range(k + 1):
+        tail += term
+        term = term * (n - i) // (i + 1)
+    return min(1.0, 2 * tail / (1 << n))  # int / int is correctly rounded even for huge integers
+
+
+def mcnemar_test(a_correct: Any, b_correct: Any) -> McNemarResult:
+    """McNemar's exact test of "a and b are equally often right" on paired outcomes.
+
+    ``a_correct``, ``b_correct``: (n,) booleans, whether each of two classifiers got pair i right (the same
+    example; pooled over seeds, the pairs are (seed, example)).
+    """
+    a = as_numpy(a_correct).astype(bool)
+    b = as_numpy(b_correct).astype(bool)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"a_correct and b_correct must be 1-D of equal length, got {a.shape} and {b.shape}")
+    only_a, only_b = int(np.count_nonzero(a & ~b)), int(np.count_nonzero(b & ~a))
+    return McNemarResult(only_a, only_b, mcnemar_exact_pvalue(only_a, only_b))
 
 
 def cohens_d_paired(a: Any, b: Any) -> float:

@@ -3,7 +3,9 @@
 Each run is `python -m moe_prefix fit` in its own process (memory is returned after every run, N workers
 run side by side, and no source checkout is needed). A run whose directory holds metrics.json is done and
 skipped; one with checkpoints is resumed; so a killed sweep restarts where it stopped. The summary compares
-every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split).
+every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split): on
+the seeds' metrics (a sign-flip test, at most 2**seeds outcomes) and on the validation examples of all
+matched seeds together (McNemar's exact test, which can decide with few seeds where the first cannot).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from moe_prefix.analysis.stats import bootstrap_ci, cohens_d_paired, holm, paired_permutation_test
+from moe_prefix.analysis.stats import (
+    McNemarResult,
+    bootstrap_ci,
+    cohens_d_paired,
+    holm,
+    mcnemar_test,
+    paired_permutation_test,
+)
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.run_config import ConfigError, load_config
 
@@ -121,6 +130,7 @@ class Run:
 
 
 def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
+    """Every (arm, seed) run, seed by seed: a sweep stopped part-way has compared all arms on its first seeds."""
     return [
         Run(
             arm,
@@ -135,8 +145,8 @@ def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
                 "trainer.enable_progress_bar=false",
             ],
         )
-        for arm, ovs in sweep.arms.items()
         for seed in sweep.seeds
+        for arm, ovs in sweep.arms.items()
     ]
 
 
@@ -186,6 +196,37 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
     return summarise(sweep, out_dir)
 
 
+def _correct_by_id(run_dir: Path) -> dict[str, bool] | None:
+    """Validation example id -> whether the run predicted it right; None without routing.csv or labels."""
+    if not (run_dir / rd.ROUTING_FILE).is_file():
+        return None
+    table = rd.read_routing_table(run_dir)
+    if table.labels is None:  # generation: no label to be right about
+        return None
+    return dict(zip(table.ids.tolist(), (table.labels == table.predictions).tolist(), strict=True))
+
+
+def example_level_test(pairs: list[tuple[Path, Path]]) -> tuple[int, McNemarResult | None]:
+    """McNemar's exact test over (seed, example) pairs pooled across matched seeds.
+
+    `pairs`: (arm run, reference run) directories, one per matched seed. Within a seed both runs were scored
+    on the same validation split, so their routing.csv rows join on the example id. Returns the number of
+    pairs and the test; (0, None) when no seed has labelled routing tables on both sides (generation).
+    """
+    arm_right: list[bool] = []
+    ref_right: list[bool] = []
+    for arm_dir, ref_dir in pairs:
+        arm, ref = _correct_by_id(arm_dir), _correct_by_id(ref_dir)
+        if arm is None or ref is None:
+            continue
+        common = [i for i in arm if i in ref]
+        arm_right += [arm[i] for i in common]
+        ref_right += [ref[i] for i in common]
+    if not arm_right:
+        return 0, None
+    return len(arm_right), mcnemar_test(arm_right, ref_right)
+
+
 def summarise(sweep: Sweep, out_dir: Path) -> Path:
     """runs.csv (one row per run), summary.csv/.md (one row per arm) and summary.png."""
     runs = [r for r in plan(sweep, out_dir) if r.done]
@@ -207,7 +248,8 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
         writer.writerows(rows)
     by_arm = {arm: {row["seed"]: row for row in rows if row["arm"] == arm} for arm in sweep.arms}
     ref = by_arm.get(sweep.reference or "", {})
-    summary, pvalues = [], []
+    run_dirs = {(r.arm, r.seed): r.run_dir for r in runs}
+    summary, pvalues, example_pvalues = [], [], []
     for arm, seeds in by_arm.items():
         if not seeds:
             continue
@@ -225,8 +267,19 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
             "p": np.nan,
             "p_holm": np.nan,
             "d": np.nan,
+            "pairs": 0,
+            "only_arm": np.nan,
+            "only_ref": np.nan,
+            "p_example": np.nan,
+            "p_example_holm": np.nan,
         }
         matched = sorted(set(seeds) & set(ref))
+        if arm != sweep.reference and matched:
+            pairs = [(run_dirs[arm, s], run_dirs[sweep.reference, s]) for s in matched]
+            entry["pairs"], test = example_level_test(pairs)
+            if test is not None:
+                entry.update(only_arm=test.only_a, only_ref=test.only_b, p_example=test.pvalue)
+                example_pvalues.append((len(summary), test.pvalue))
         if arm != sweep.reference and len(matched) >= 2:
             a = np.array([seeds[s]["metric"] for s in matched])
             b = np.array([ref[s]["metric"] for s in matched])
@@ -235,10 +288,11 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
             entry["d"] = cohens_d_paired(a, b) if np.std(a - b) > 0 else np.nan
             pvalues.append((len(summary), entry["p"]))
         summary.append(entry)
-    if pvalues:
-        adjusted = holm([p for _, p in pvalues])
-        for (i, _), q in zip(pvalues, adjusted, strict=True):
-            summary[i]["p_holm"] = float(q)
+    for key, found in (("p_holm", pvalues), ("p_example_holm", example_pvalues)):
+        if found:
+            adjusted = holm([p for _, p in found])
+            for (i, _), q in zip(found, adjusted, strict=True):
+                summary[i][key] = float(q)
     _write_summary(sweep, out_dir, summary)
     _plot(sweep, out_dir, summary, rows)
     return out_dir / "summary.md"
@@ -250,6 +304,7 @@ def _fmt(x, spec=".4f"):
 
 def _write_summary(sweep: Sweep, out_dir: Path, summary: list[dict]) -> None:
     keys = ["arm", "n", "mean", "ci_low", "ci_high", "diff", "p", "p_holm", "d", "trainable_params", "train_time_s"]
+    keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm"]  # appended: old columns keep their place
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -257,20 +312,27 @@ def _write_summary(sweep: Sweep, out_dir: Path, summary: list[dict]) -> None:
     ref = sweep.reference or "–"
     lines = [
         f"| arm | seeds | {sweep.metric} mean | 95 % bootstrap CI | Δ vs {ref} | p (paired perm.) | p (Holm) "
-        "| Cohen's d (paired) | trainable params | train time (s, median) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Cohen's d (paired) | example pairs | only arm / only ref right | p (McNemar) | p (McNemar, Holm) "
+        "| trainable params | train time (s, median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
+        discordant = f"{e['only_arm']} / {e['only_ref']}" if e["pairs"] else "–"
         lines.append(
             f"| {e['arm']} | {e['n']} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] "
             f"| {_fmt(e['diff'], '+.4f')} | {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} "
-            f"| {_fmt(e['d'], '.2f')} | {e['trainable_params']:,} | {_fmt(e['train_time_s'], '.0f')} |"
+            f"| {_fmt(e['d'], '.2f')} | {e['pairs'] or '–'} | {discordant} | {_fmt(e['p_example'], '.2g')} "
+            f"| {_fmt(e['p_example_holm'], '.2g')} | {e['trainable_params']:,} | {_fmt(e['train_time_s'], '.0f')} |"
         )
     lines += [
         "",
         f"Reference arm: {ref}. p: two-sided paired sign-flip permutation test on matched seeds (exact "
         "enumeration for few seeds; with 3 seeds the smallest attainable p is 0.25), Holm-corrected across arms. "
-        "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best).",
+        "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best). "
+        "p (McNemar): exact two-sided McNemar test (binomial test on the discordant pairs) over the (seed, "
+        "validation example) pairs of all matched seeds, Holm-corrected across arms; only arm / only ref: pairs "
+        "that one of the two gets right and the other wrong. It treats examples as independent given the "
+        "seeds, so it answers for this validation set, not for a new draw of training seeds.",
     ]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 

@@ -179,17 +179,19 @@ def load_encoder(name: str) -> nn.Module:
     """A bare encoder (BertModel-like: returns last_hidden_state)."""
     from transformers import AutoModel, BertConfig, BertModel
 
-    if name == "tiny-bert":
+    sizes = {
+        "tiny-bert": dict(
+            vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        ),
+        # MiniLM's geometry and dropout (the `minilm` asset) with random weights: step times need no weights,
+        # and a machine without the asset cache (a GPU box) can still time it.
+        "minilm-config": dict(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+        ),
+    }
+    if name in sizes:
         torch.manual_seed(0)
-        cfg = BertConfig(
-            vocab_size=97,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=256,
-        )
-        return BertModel(cfg)
+        return BertModel(BertConfig(**sizes[name], max_position_embeddings=512))
     from moe_prefix.train.assets import resolve_backbone
 
     return AutoModel.from_pretrained(resolve_backbone(name))
@@ -216,10 +218,19 @@ def load_decoder(name: str) -> nn.Module:
             num_key_value_heads=2,
             intermediate_size=64,
         ),
+        # TinyLlama-1.1B's geometry (32 query / 4 key-value heads), built from its config: no weights needed
+        "llama-1.1b": dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            intermediate_size=5632,
+        ),
     }
     if name in sizes:
         torch.manual_seed(0)
-        cfg = LlamaConfig(**sizes[name], max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg = LlamaConfig(**sizes[name], max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         return LlamaForCausalLM(cfg)
     from moe_prefix.train.assets import resolve_backbone
 
@@ -444,6 +455,10 @@ def encoder_group(cfg: BenchConfig) -> Group:
     arms.append(Arm("backward_floor_nodrop", floor_arm(False), tokens, info={"note": "floor, backbone dropout off"}))
     arm, _ = mixture_arm("moe4_top2_blend_nodrop", prefix_configs(cfg)["moe4_top2_blend"], dropout=False)
     arms.append(arm)
+    # Both attention paths side by side (moe_prefix/injection.py), where the split applies: no attention dropout.
+    for path in ("split", "joint"):
+        pcfg = replace(prefix_configs(cfg)["moe4_top2_blend"], attention_path=path)
+        arms.append(mixture_arm(f"moe4_top2_blend_nodrop_{path}", pcfg, dropout=False)[0])
 
     for p in full_copy.parameters():
         p.requires_grad_(True)
@@ -466,8 +481,10 @@ def encoder_group(cfg: BenchConfig) -> Group:
     with torch.no_grad():
         frac = (cfg.eval_mean_len - dynamic.cfg.min_len) / (P - dynamic.cfg.min_len)
         linear.bias.fill_(math.log(frac / (1 - frac)))
-        # features are layer-normed (unit variance per dim): this spreads the logit with std 0.5
-        linear.weight.normal_(std=0.5 / width**0.5, generator=torch.Generator().manual_seed(cfg.seed))
+        # features are layer-normed (unit variance per dim): this spreads the logit with std 0.5. Drawn on the
+        # CPU (a seeded CPU generator cannot fill a CUDA tensor), then copied to wherever the head lives.
+        g = torch.Generator().manual_seed(cfg.seed)
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * (0.5 / width**0.5))
         routing = dynamic(input_ids=ids, attention_mask=mask).routing
     lengths = routing.lengths.round()
     notes["eval_lengths"] = {
@@ -529,7 +546,12 @@ def decoder_group(cfg: BenchConfig) -> Group:
         notes["peft_causal_lm_error"] = err
 
     mixtures = {}
-    for name, pcfg in prefix_configs(cfg).items():
+    configs = prefix_configs(cfg)
+    # Both attention paths side by side (moe_prefix/injection.py) for the headline arms.
+    for name in ("moe1", "moe4_top2_blend"):
+        for path in ("split", "joint"):
+            configs[f"{name}_{path}"] = replace(configs[name], attention_path=path)
+    for name, pcfg in configs.items():
         mixture = _to(attach(backbone, pcfg), cfg)
         mixtures[name] = mixture
         params = _trainable(mixture)
@@ -607,6 +629,14 @@ def ratios(enc_times: dict, dec_times: dict, notes: dict) -> dict:
         "decoder_step_vs_forward": paired_ratio(dec_times, "moe4_top2_blend", "frozen_forward"),
         "eval_dynamic_vs_static": paired_ratio(enc_times, "eval_dynamic", "eval_static"),
         "generate_prefix_vs_plain": paired_ratio(dec_times, "generate_prefix", "generate_plain"),
+        # the two attention paths (auto picks split on CUDA, joint on the CPU)
+        "decoder_moe1_split_vs_joint": paired_ratio(dec_times, "moe1_split", "moe1_joint"),
+        "decoder_moe4_top2_split_vs_joint": paired_ratio(dec_times, "moe4_top2_blend_split", "moe4_top2_blend_joint"),
+        "encoder_moe4_top2_nodrop_split_vs_joint": paired_ratio(
+            enc_times, "moe4_top2_blend_nodrop_split", "moe4_top2_blend_nodrop_joint"
+        ),
+        "moe1_split_vs_peft": paired_ratio(dec_times, "moe1_split", "peft_prefix"),
+        "moe4_top2_split_vs_peft": paired_ratio(dec_times, "moe4_top2_blend_split", "peft_prefix"),
     }
 
 
@@ -636,6 +666,178 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         k: (None if r[k] is None else (r[k] < v if k == "checkpoint_fraction" else r[k] <= v))
         for k, v in TARGETS.items()
     }
+    results["machine"] = machine()
+    results["wall_s"] = time.time() - started
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# presets: `--preset gpu`
+
+
+@dataclass(frozen=True)
+class PresetGroup:
+    """One backbone and batch of a preset: an LM step on a decoder, or pooled classification on an encoder."""
+
+    name: str
+    model: str  # a load_decoder / load_encoder name
+    decoder: bool
+    batch: int
+    seq_len: int  # decoders unpadded (the frozen model runs flash with is_causal); encoders padded as above
+
+
+PRESETS = {
+    # GPU scale (issue 14): a 1.1B Llama and MiniLM, both built from configs, so no weights travel to the GPU box
+    "gpu": (
+        PresetGroup("llama1b_16x256", "llama-1.1b", True, 16, 256),
+        PresetGroup("minilm_128x256", "minilm-config", False, 128, 256),
+        PresetGroup("minilm_32x64", "minilm-config", False, 32, 64),
+    ),
+}
+PRESET_SETTINGS = {"gpu": {"device": "cuda", "dtype": "bfloat16", "reps": 10, "warmup": 3}}  # unless given
+PRESET_TARGETS = {  # ratio -> the largest value that meets it
+    "gpu": {
+        "llama1b_16x256/moe1_vs_peft": 0.95,
+        "llama1b_16x256/moe4_top2_vs_peft": 1.0,
+        "llama1b_16x256/moe4_top2_vs_floor": 1.08,
+        "minilm_128x256/moe4_top2_vs_floor": 1.15,
+    },
+}
+
+
+def preset_group(spec: PresetGroup, cfg: BenchConfig) -> Group:
+    """Training steps: the backward floor, PEFT, moe1 and moe4 top-2 blend on the auto and the joint path.
+
+    `auto` splits where it applies (CUDA, no attention dropout in training): MiniLM keeps its attention
+    dropout of 0.1 in the main arms, so those run joint; the `_nodrop` arms show the split there.
+    """
+    dev = cfg.device
+    with torch.device(dev):  # initialising 1.1B parameters on the host would take minutes
+        backbone = _to((load_decoder if spec.decoder else load_encoder)(spec.model), cfg)
+    peft_copy = copy.deepcopy(backbone)
+    pad = not spec.decoder
+    ids, mask = (x.to(dev) for x in make_batch(backbone.config.vocab_size, spec.batch, spec.seq_len, pad, cfg.seed))
+    tokens = ids.numel()
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = ids.masked_fill(mask == 0, -100) if spec.decoder else torch.randint(0, 2, (spec.batch,), generator=g)
+    labels = labels.to(dev)
+    torch.manual_seed(cfg.seed)
+    head0 = None if spec.decoder else _to(nn.Linear(backbone.config.hidden_size, 2), cfg)
+    arms: list[Arm] = []
+    notes: dict = {"batch": list(ids.shape), "padding": float(1 - mask.float().mean()), "model": spec.model}
+
+    def loss_of(model, head, **inputs):
+        inputs = inputs or {"input_ids": ids}
+        if spec.decoder:
+            out = model(**inputs, attention_mask=mask, labels=labels)
+            loss = out.loss
+        else:
+            out = model(**inputs, attention_mask=mask)
+            loss = _pooled_loss(out.last_hidden_state, mask, head, labels)
+        routing = getattr(out, "routing", None)
+        return loss if routing is None else loss + routing.aux_loss
+
+    def frozen_forward():
+        backbone.eval()
+        with torch.no_grad():
+            backbone(input_ids=ids, attention_mask=mask)
+
+    arms.append(Arm("frozen_forward", frozen_forward, tokens))
+
+    def floor_arm(dropout: bool):
+        head = copy.deepcopy(head0)
+
+        def floor():
+            backbone.train(dropout)
+            embeds = backbone.get_input_embeddings()(ids).detach().requires_grad_()
+            loss_of(backbone, head, inputs_embeds=embeds).backward()
+
+        return floor
+
+    arms.append(Arm("backward_floor", floor_arm(True), tokens, info={"note": "forward + backward to inputs_embeds"}))
+
+    for p in peft_copy.parameters():
+        p.requires_grad_(False)
+    task = "CAUSAL_LM" if spec.decoder else "FEATURE_EXTRACTION"
+    pm, err = _try_peft(peft_copy, task, cfg.prefix_len, lambda m: m(input_ids=ids[:2], attention_mask=mask[:2]))
+    if pm is not None:
+        peft_head = copy.deepcopy(head0)
+        params = _trainable(pm, *([peft_head] if peft_head is not None else []))
+
+        def peft_loss():
+            pm.train()
+            return loss_of(pm, peft_head)
+
+        arms.append(Arm("peft_prefix", train_step(params, peft_loss), tokens, _count(params)))
+    else:
+        notes["peft_error"] = err
+
+    def mixture_arm(name: str, pcfg: PrefixConfig, dropout: bool = True) -> Arm:
+        mixture = _to(attach(backbone, pcfg), cfg)
+        head = copy.deepcopy(head0)
+        params = _trainable(mixture, *([head] if head is not None else []))
+
+        def loss():
+            mixture.train()
+            if not dropout:
+                mixture.backbone.eval()  # router noise stays on; only the backbone's dropout goes
+            return loss_of(mixture, head)
+
+        return Arm(name, train_step(params, loss), tokens, _count(params), info={"path": pcfg.attention_path})
+
+    configs = prefix_configs(cfg)
+    for name in ("moe1", "moe4_top2_blend"):
+        arms.append(mixture_arm(name, configs[name]))
+        arms.append(mixture_arm(f"{name}_joint", replace(configs[name], attention_path="joint")))
+    if not spec.decoder:
+        arms.append(Arm("backward_floor_nodrop", floor_arm(False), tokens, info={"note": "backbone dropout off"}))
+        arms.append(mixture_arm("moe4_top2_blend_nodrop", configs["moe4_top2_blend"], dropout=False))
+        joint = replace(configs["moe4_top2_blend"], attention_path="joint")
+        arms.append(mixture_arm("moe4_top2_blend_nodrop_joint", joint, dropout=False))
+    return Group(spec.name, arms, notes)
+
+
+def preset_ratios(times: dict) -> dict:
+    """The ratios of one preset group, from one clock's per-repetition times."""
+    pairs = {
+        "peft_vs_floor": ("peft_prefix", "backward_floor"),
+        "moe1_vs_peft": ("moe1", "peft_prefix"),
+        "moe4_top2_vs_peft": ("moe4_top2_blend", "peft_prefix"),
+        "moe4_top2_vs_floor": ("moe4_top2_blend", "backward_floor"),
+        "moe1_vs_joint": ("moe1", "moe1_joint"),
+        "moe4_top2_vs_joint": ("moe4_top2_blend", "moe4_top2_blend_joint"),
+        "moe4_top2_joint_vs_peft": ("moe4_top2_blend_joint", "peft_prefix"),
+        "moe4_top2_nodrop_vs_floor_nodrop": ("moe4_top2_blend_nodrop", "backward_floor_nodrop"),
+        "moe4_top2_nodrop_vs_joint": ("moe4_top2_blend_nodrop", "moe4_top2_blend_nodrop_joint"),
+    }
+    return {key: paired_ratio(times, a, b) for key, (a, b) in pairs.items() if a in times and b in times}
+
+
+def run_preset(
+    name: str, cfg: BenchConfig, log: Callable[[str], None] = print, groups: Sequence[PresetGroup] | None = None
+) -> dict:
+    """Build, time and profile a preset's groups (groups: other sizes, for tests); the same keys as `run`."""
+    started = time.time()
+    results: dict = {"config": asdict(cfg), "preset": name, "groups": {}, "notes": {}, "scaling": {}}
+    by_clock: dict[str, dict] = {clock: {} for clock in CLOCKS}
+    for spec in groups or PRESETS[name]:
+        t0 = time.perf_counter()
+        group = preset_group(spec, cfg)
+        log(f"[{group.name}] built in {time.perf_counter() - t0:.0f} s")
+        summary, times = run_group(group, cfg, log)
+        results["groups"][group.name] = summary
+        results["notes"][group.name] = group.notes
+        for clock in CLOCKS:
+            by_clock[clock].update({f"{group.name}/{k}": v for k, v in preset_ratios(times[clock]).items()})
+        del group
+        gc.collect()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    r = results["ratios"] = by_clock[cfg.clock]
+    other = next(c for c in CLOCKS if c != cfg.clock)
+    results[f"ratios_{other}_clock"] = by_clock[other]
+    results["targets"] = targets = {k: v for k, v in PRESET_TARGETS.get(name, {}).items() if k in r}
+    results["met"] = {k: (None if r[k] is None else r[k] <= v) for k, v in targets.items()}
     results["machine"] = machine()
     results["wall_s"] = time.time() - started
     return results
@@ -684,7 +886,8 @@ def format_report(results: dict) -> str:
             if key != "batch":
                 lines.append(f"  {key}: {value}")
     s = results["scaling"]
-    lines.append("\nscaling (encoder, top-2 blend, ms/step): E " + str(s["experts"]) + "  P " + str(s["prefix_len"]))
+    if s:  # presets have no scaling arms
+        lines.append(f"\nscaling (encoder, top-2 blend, ms/step): E {s['experts']}  P {s['prefix_len']}")
     clock = results["config"]["clock"]
     other = next(c for c in CLOCKS if c != clock)
     lines.append(f"\nratios (median of per-repetition paired ratios, {clock} clock; {other} clock in brackets)")

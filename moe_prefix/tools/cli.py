@@ -129,7 +129,7 @@ def _offline_unless_asked() -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     _offline_unless_asked()
-    from moe_prefix.tools.benchmark import BenchConfig, format_markdown, format_report, run
+    from moe_prefix.tools.benchmark import PRESET_SETTINGS, BenchConfig, format_markdown, format_report, run, run_preset
 
     if args.threads:
         import torch
@@ -144,11 +144,12 @@ def bench_command(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "clock": args.clock,
     }
-    cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not args.no_memory)
+    settings = {**PRESET_SETTINGS.get(args.preset, {}), **{k: v for k, v in given.items() if v is not None}}
+    cfg = BenchConfig(**settings, memory=not args.no_memory)
     if args.quick:
         cfg = cfg.quick()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    results = run(cfg, log=log)
+    results = run_preset(args.preset, cfg, log=log) if args.preset else run(cfg, log=log)
     results["command"] = args.command_line
     print(format_report(results))
     if args.json:
@@ -186,8 +187,9 @@ def _count(text: str) -> int:
 def _asset_alias(text: str) -> str:
     from moe_prefix.train import assets
 
-    if text not in assets.ARTEFACTS:
-        raise argparse.ArgumentTypeError(f"unknown alias {text!r}; choose from {', '.join(assets.ARTEFACTS)}")
+    known = [*assets.MODEL_ALIASES, *assets.DATA_ALIASES]
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown alias {text!r}; choose from {', '.join(known)}")
     return text
 
 
@@ -200,7 +202,7 @@ def _fit_parser(p: argparse.ArgumentParser) -> None:
 
 def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory written by `fit`")
-    p.add_argument("--data", help="a .csv/.tsv/.jsonl file with the run's columns (default: its validation split)")
+    p.add_argument("--data", help="a file, folder or hf: id with the run's columns (default: its validation split)")
     p.add_argument(
         "--no-prefix",
         action="store_true",
@@ -236,6 +238,11 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write every figure and ratio as JSON here")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown here")
     p.add_argument("--quick", action="store_true", help="two repetitions: a smoke test, not a measurement")
+    p.add_argument(
+        "--preset",
+        choices=["gpu"],
+        help="gpu: a 1.1B Llama and MiniLM from configs, bf16 on CUDA (floor, PEFT, moe1, moe4, both attention paths)",
+    )
     p.add_argument("--smollm", action="store_true", help="decoder: smollm2-135m instead of the wide tiny Llama")
     p.add_argument("--encoder", help="asset alias or local folder (default: minilm)")
     p.add_argument("--decoder", help="wide-llama (default), tiny-llama, an alias or a folder")
@@ -262,7 +269,7 @@ def _prefetch_parser(p: argparse.ArgumentParser) -> None:
         nargs="*",
         type=_asset_alias,
         metavar="ALIAS",
-        help=f"assets to fetch (default: all of {', '.join(assets.ARTEFACTS)})",
+        help=f"assets to fetch (default: all of {', '.join([*assets.MODEL_ALIASES, *assets.DATA_ALIASES])})",
     )
     p.set_defaults(run=lambda a: run_cli(prefetch_command, a.aliases))
 

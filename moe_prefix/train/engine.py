@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from . import classification, generation
@@ -191,6 +191,16 @@ def _trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**kwargs)
 
 
+def _gpu_progress_bar(cfg: RunConfig) -> list[Callback]:
+    """On a GPU, a bar that redraws once per log interval: each redraw reads the loss on the host (a sync)."""
+    trainer = cfg.trainer
+    if not trainer.get("enable_progress_bar", True) or trainer.get("accelerator") == "cpu":
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [TQDMProgressBar(refresh_rate=max(1, int(trainer.get("log_every_n_steps") or 1)))]
+
+
 def _loggers(run_dir: Path):
     loggers = [CSVLogger(str(run_dir), name=rd.LOG_DIR, version="")]
     try:
@@ -218,6 +228,7 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         ),
         _InterruptCheckpoint(ckpt_dir / INTERRUPT_CHECKPOINT),
         timer,
+        *_gpu_progress_bar(cfg),
     ]
     trainer = _trainer(
         **cfg.trainer,

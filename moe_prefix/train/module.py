@@ -32,6 +32,11 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Reading a tensor's value on the host waits for its device: free on the CPU, a stall of a GPU's queue."""
+    return device.type == "cpu"
+
+
 def routing_summary(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
     """Mean per-example routing entropy (nats) and each expert's share of routing slots.
 
@@ -152,9 +157,13 @@ class PrefixTrainingModule(L.LightningModule):
         total = loss
         b = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        logs_now = self._logs_this_step()
         if out.routing is not None:
             r = out.routing
             total = loss + r.aux_loss
+        if out.routing is not None and logs_now:
+            # Only on the steps whose logs Lightning writes: in between, no logger would see these values, and
+            # under DDP each would cost an all-reduce.
             summary = routing_summary(r.weights, r.indices, self.num_experts)
             self.log_dict(
                 {
@@ -169,12 +178,40 @@ class PrefixTrainingModule(L.LightningModule):
                 batch_size=b,
                 sync_dist=True,  # routing statistics over the global batch under DDP
             )
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(
-                f"non-finite loss {total.item()} at step {self.global_step}; the last good checkpoint is kept. "
-                "Lower optim.lr or check the data."
-            )
+        if _host_reads_are_free(total.device):  # then check now: stop before a bad step reaches the optimiser
+            if not torch.isfinite(total):
+                self._raise_non_finite(self.global_step, total.item())
+        else:
+            # On a GPU, reading the loss on the host each step would stall the queue of kernels: remember the
+            # first bad step on the device, and look when the host waits anyway (log steps, checkpoints, the end).
+            step = torch.full((), self.global_step, device=total.device)
+            first = getattr(self, "_first_bad_step", None)
+            first = torch.full_like(step, -1) if first is None else first
+            self._first_bad_step = torch.where((first < 0) & ~torch.isfinite(total.detach()), step, first)
+            if logs_now:
+                self._check_finite()
         return total
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's logs (the test Lightning's own monitors use)."""
+        trainer = self._trainer
+        return trainer is None or bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
+    def _check_finite(self) -> None:
+        """Raise if a step since the last look had a non-finite loss (GPU runs; see training_step)."""
+        first = getattr(self, "_first_bad_step", None)
+        if first is not None and int(first) >= 0:
+            self._raise_non_finite(int(first))
+
+    def _raise_non_finite(self, step: int, value: float | None = None) -> None:
+        shown = "" if value is None else f" {value}"
+        raise NonFiniteLossError(
+            f"non-finite loss{shown} at step {step}; the last good checkpoint is kept. "
+            "Lower optim.lr or check the data."
+        )
+
+    def on_train_end(self):
+        self._check_finite()
 
     def on_validation_epoch_start(self):
         self.rows = []
@@ -203,6 +240,7 @@ class PrefixTrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
+        self._check_finite()  # never keep a state a non-finite step produced as the last good checkpoint
         trainable = {f"network.{k}" for k in trainable_state_dict(self.network)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["moe_prefix"] = {"backbone": self.cfg.model.backbone, "method": self.cfg.model.method}
