@@ -199,3 +199,16 @@ def tiny_run_overrides(backbone_dir, csv_path, run_dir, **extra):
     values.pop("trainer.logger")
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def poison_loss_from_step(monkeypatch, step: int) -> None:
+    """Make classification training losses NaN from the given step on (validation stays finite)."""
+    from moe_prefix.train.classification import ClassificationModule
+
+    original = ClassificationModule.model_step
+
+    def poisoned(self, batch):
+        losses, out = original(self, batch)
+        return (losses * float("nan") if self.training and self.global_step >= step else losses), out
+
+    monkeypatch.setattr(ClassificationModule, "model_step", poisoned)

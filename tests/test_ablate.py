@@ -209,3 +209,32 @@ def test_missing_sweep_base_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="base config not found: configs/nope.yaml"):
         load_sweep(sweep_file)
+
+
+def test_curve_plots_the_metric_against_a_config_value_per_series(tmp_path):
+    arms = {
+        f"n{n}_{r}": [f"data.max_train_examples={n}", f"prefix.reparam={r}"]
+        for n in (100, 400)
+        for r in ("true", "false")
+    }
+    sweep = Sweep(None, arms, seeds=[0, 1], curve={"x": "data.max_train_examples", "series": "prefix.reparam"})
+    for run in plan(sweep, tmp_path):
+        n = int(run.arm.split("_")[0][1:])
+        acc = 0.6 + 0.1 * (n == 400) + 0.05 * run.arm.endswith("true") + 0.01 * run.seed
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/acc": acc, "trainable_params": 1}))
+    summarise(sweep, tmp_path)
+    with open(tmp_path / "curve.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["series"], int(r["x"])): float(r["mean"]) for r in rows}
+    assert got == pytest.approx(
+        {("False", 100): 0.605, ("False", 400): 0.705, ("True", 100): 0.655, ("True", 400): 0.755}
+    )
+    assert (tmp_path / "curve.png").is_file()
+
+
+def test_sweep_file_curve_is_checked(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("arms:\n  a: []\ncurve: {y: data.max_train_examples}\n")
+    with pytest.raises(ConfigError, match="curve must be"):
+        load_sweep(path)

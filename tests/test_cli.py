@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_overrides, write_reviews_csv
+from conftest import poison_loss_from_step, tiny_run_overrides, write_reviews_csv
 
 from moe_prefix.tools.cli import COMMANDS, main
 
@@ -208,15 +208,7 @@ def test_evaluate_on_validation_split_and_on_a_file(tiny_backbone_dir, reviews_c
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     tiny_backbone_dir, reviews_csv, tmp_path, capsys, monkeypatch
 ):
-    from moe_prefix.train.classification import ClassificationModule
-
-    original = ClassificationModule.model_step
-
-    def poisoned(self, batch):
-        losses, out = original(self, batch)
-        return (losses * float("nan") if self.training and self.global_step >= 6 else losses), out
-
-    monkeypatch.setattr(ClassificationModule, "model_step", poisoned)
+    poison_loss_from_step(monkeypatch, 6)
     run = tmp_path / "run"
     argv = tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 20})
     assert_clean_failure(*run_fit(argv, capsys), "non-finite loss nan at step 6")

@@ -4,7 +4,7 @@ import csv
 import math
 
 import pytest
-from conftest import tiny_run_overrides
+from conftest import poison_loss_from_step, tiny_run_overrides
 
 from moe_prefix.train import module
 from moe_prefix.train.engine import fit
@@ -36,16 +36,9 @@ def test_fit_in_bf16_mixed_on_the_cpu(tiny_backbone_dir, reviews_csv, tmp_path):
 
 def test_deferred_finite_check_keeps_the_last_good_checkpoint(tiny_backbone_dir, reviews_csv, tmp_path, monkeypatch):
     """What a GPU run does: no host read per step; the bad step is found before the next checkpoint is written."""
-    from moe_prefix.train.classification import ClassificationModule
 
     monkeypatch.setattr(module, "_host_reads_are_free", lambda device: False)
-    original = ClassificationModule.model_step
-
-    def poisoned(self, batch):
-        losses, out = original(self, batch)
-        return (losses * float("nan") if self.training and self.global_step >= 6 else losses), out
-
-    monkeypatch.setattr(ClassificationModule, "model_step", poisoned)
+    poison_loss_from_step(monkeypatch, 6)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 6"):
         _fit(tiny_backbone_dir, reviews_csv, run, **{"trainer.max_steps": 20})

@@ -42,6 +42,7 @@ class Sweep:
     overrides: list[str] = field(default_factory=list)  # applied to every arm (the budget)
     reference: str | None = None  # arm the others are tested against
     metric: str = "val/acc"
+    curve: dict[str, str] | None = None  # {x: config key, series: config key}: also plot the metric against x
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -50,11 +51,15 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric"}
+    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric", "curve"}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown sweep keys {sorted(unknown)}; valid: base, arms, seeds, overrides, reference, metric"
+            f"{path}: unknown sweep keys {sorted(unknown)}; "
+            "valid: base, arms, seeds, overrides, reference, metric, curve"
         )
+    curve = raw.get("curve")
+    if curve is not None and (not isinstance(curve, dict) or "x" not in curve or set(curve) - {"x", "series"}):
+        raise ConfigError(f"{path}: curve must be {{x: config key, series: config key (optional)}}, got {curve!r}")
     if not raw.get("arms"):
         raise ConfigError(f"{path}: a sweep needs 'arms' (name: [key=value, ...])")
     arms = {str(name): [str(o) for o in (ovs or [])] for name, ovs in raw["arms"].items()}
@@ -65,6 +70,7 @@ def load_sweep(path: str | Path) -> Sweep:
         list(raw.get("overrides", [])),
         raw.get("reference"),
         raw.get("metric", "val/acc"),
+        curve,
     )
     return _check(sweep)
 
@@ -295,6 +301,8 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
                 summary[i][key] = float(q)
     _write_summary(sweep, out_dir, summary)
     _plot(sweep, out_dir, summary, rows)
+    if sweep.curve:
+        _curve(sweep, out_dir, summary)
     return out_dir / "summary.md"
 
 
@@ -356,3 +364,47 @@ def _plot(sweep: Sweep, out_dir: Path, summary: list[dict], rows: list[dict]) ->
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "summary.png", dpi=120)
+
+
+def _config_value(cfg, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def _curve(sweep: Sweep, out_dir: Path, summary: list[dict]) -> None:
+    """curve.csv and curve.png: each arm's mean and interval against the config value `curve.x`, one line per
+    value of `curve.series` (e.g. accuracy against training-set size, with and without reparameterisation)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x_key, series_key = sweep.curve["x"], sweep.curve.get("series")
+    points = []
+    for e in summary:
+        cfg = load_config(sweep.base, [*sweep.overrides, *sweep.arms[e["arm"]]])
+        series = str(_config_value(cfg, series_key)) if series_key else "all"
+        points.append({"series": series, "x": _config_value(cfg, x_key), **{k: e[k] for k in ("arm", "n", "mean")}})
+        points[-1].update(ci_low=e["ci_low"], ci_high=e["ci_high"])
+    points.sort(key=lambda p: (p["series"], p["x"]))
+    with open(out_dir / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["series", "x", "arm", "n", "mean", "ci_low", "ci_high"])
+        writer.writeheader()
+        writer.writerows(points)
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, series in enumerate(dict.fromkeys(p["series"] for p in points)):
+        line = [p for p in points if p["series"] == series]
+        xs = [p["x"] for p in line]
+        ax.plot(xs, [p["mean"] for p in line], marker="o", color=f"C{i}", label=f"{series_key or ''}={series}")
+        ax.fill_between(xs, [p["ci_low"] for p in line], [p["ci_high"] for p in line], color=f"C{i}", alpha=0.2)
+    if all(isinstance(p["x"], int | float) and p["x"] > 0 for p in points):
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({p["x"] for p in points}), [str(x) for x in sorted({p["x"] for p in points})])
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"{sweep.metric} (mean over seeds, 95 % bootstrap CI)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "curve.png", dpi=120)
