@@ -37,7 +37,7 @@ keys never receive rotary embeddings under either convention.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from einops import rearrange
@@ -73,6 +73,12 @@ class PrefixState:
     _layers: list[tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
     # the token part's kernel mask, built once per forward from each mask object the model passes
     _token_masks: dict = field(default_factory=dict, repr=False)
+
+    def reused(self) -> PrefixState:
+        """The same prefix for another forward pass: a copy without what a pass caches or records (a pass under
+        no_grad, such as generation, would leave its per-layer split without gradient)."""
+        capture = None if self.capture is None else {}
+        return replace(self, probes={}, capture=capture, _layers=None, _token_masks={})
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         """Prefix keys and values of layer i, (b h p d) each.

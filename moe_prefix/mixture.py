@@ -184,10 +184,17 @@ class PrefixMixture(nn.Module):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, group_ids=None, **kwargs):
-        """`generate()` of the backbone with a prefix routed once from the prompt."""
-        routing, state = self.prepare(input_ids, attention_mask, group_ids)
-        self.last_routing = routing
+    def generate(self, input_ids, attention_mask=None, group_ids=None, state: PrefixState | None = None, **kwargs):
+        """`generate()` of the backbone with a prefix routed once from the prompt.
+
+        state: a prefix from `prepare` to decode with instead (routed from other text, such as the prompt without
+        the demonstration tokens that follow it); its rows are repeated over the input's rows, e.g. b -> (b g).
+        """
+        if state is None:
+            routing, state = self.prepare(input_ids, attention_mask, group_ids)
+            self.last_routing = routing
+        else:
+            state = state.reused()  # the caller's state stays free of generation's caches, for its own forward
         with injection.state_kwarg_allowed(self.backbone):
             return self.backbone.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs

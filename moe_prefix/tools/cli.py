@@ -38,7 +38,7 @@ def run_cli(command, *args) -> int:
         return 130
 
 
-SHOWN_METRICS = ("val/loss", "val/f1", "val/bleu", "val/rougeL")
+SHOWN_METRICS = ("val/loss", "val/f1", "val/bleu", "val/rougeL", "val/ser")
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -48,10 +48,14 @@ def _print_metrics(metrics: dict) -> None:
             print(f"{key}: {value:.4f}")
 
 
-def fit_command(config: str | None, overrides: list[str], resume: str | None) -> int:
+def fit_command(config: str | None, overrides: list[str], resume: str | None, init_from: str | None = None) -> int:
     from moe_prefix.train import run_dir as rd
     from moe_prefix.train.engine import fit
 
+    if init_from:  # the same as the override model.init_from=RUN_DIR
+        if resume:
+            raise ConfigError("--init-from starts a new run from another run's weights; --resume continues a run")
+        overrides = [*overrides, f"model.init_from={init_from}"]
     if resume:
         if config:
             raise ConfigError("use either --config or --resume RUN_DIR (the run directory holds its config)")
@@ -196,8 +200,9 @@ def _asset_alias(text: str) -> str:
 def _fit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="start from a finished run's weights (model.init_from)")
     p.add_argument("overrides", nargs="*", help="config overrides such as prefix.top_k=2 trainer.max_steps=50")
-    p.set_defaults(run=lambda a: run_cli(fit_command, a.config, a.overrides, a.resume))
+    p.set_defaults(run=lambda a: run_cli(fit_command, a.config, a.overrides, a.resume, a.init_from))
 
 
 def _evaluate_parser(p: argparse.ArgumentParser) -> None:

@@ -71,10 +71,15 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
             "or choose another run_dir"
         )
     task = _prepare(cfg)
+    init_from = cfg.model.init_from
+    if init_from and not (Path(init_from) / rd.WEIGHTS_FILE).is_file():
+        raise ConfigError(f"model.init_from={init_from!r} is not a finished run directory (no {rd.WEIGHTS_FILE})")
     built = task.build(cfg)
+    if init_from and not resume:  # starts from another run's trained weights (e.g. SFT, then prefix_rft)
+        rd.load_weights(init_from, built.network, cfg)
     rd.create(cfg, run_dir)  # the data and the backbone loaded: nothing is written for a failed check
     mixture = built.network.mixture
-    if mixture is not None and not resume:  # a resumed run loads these from its checkpoint
+    if mixture is not None and not resume and not init_from:  # a resumed run loads these from its checkpoint
         if cfg.prefix.init == "tokens":
             batch = built.data.first_training_batch(task.INIT_SEQUENCES)
             mixture.init_from_text(batch["input_ids"], batch["attention_mask"], seed=cfg.seed)

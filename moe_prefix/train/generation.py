@@ -10,7 +10,10 @@ representation goes in, a restaurant description comes out, and every input has 
 - Validation: the loss on every reference, then each input is decoded once with `generate()` (greedy
   or beam search, per `cfg.generation`) through the prefix routed from its prompt, and scored against
   all its references: corpus BLEU (SacreBLEU, 13a tokenisation) and ROUGE-L F-measure (best reference
-  per input), both on a 0-100 scale.
+  per input), both on a 0-100 scale; where every input is an E2E meaning representation, also the slot
+  error rate `val/ser` (percent of the inputs' slots missed or stated wrongly; `e2e_slots`).
+- Objectives (`optim.objective`): `sft` trains the references' cross-entropy; `rft` and `prefix_rft` sample
+  texts from the routed prefix and train on their rewards (GRPO, Prefix-RFT; `rft`).
 - A task of the run loop (see `module.Task`): `engine.fit` writes the run directory classification
   writes, plus `samples.jsonl`; `engine.evaluate_run(run_dir, no_prefix=True)` scores the bare backbone
   on the same split and prompts: the zero-shot reference a prefix has to beat.
@@ -20,6 +23,7 @@ Axes: b - batch, t - tokens, v - vocabulary, e - experts.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 from pathlib import Path
@@ -29,12 +33,12 @@ import torch.nn.functional as F
 
 from moe_prefix.injection import enable_activation_checkpointing
 
-from . import assets
+from . import assets, e2e_slots, rft
 from . import data as data_io
 from . import run_dir as rd
 from .datamodule import Encoded, TrainData, load_tokenizer, pad_batch, read_train_val, subsample
 from .module import Built, PrefixTrainingModule, routing_metrics, routing_row
-from .networks import CausalLM
+from .networks import CausalLM, TaskOutput
 from .run_config import ConfigError, RunConfig
 
 INIT_SEQUENCES = 32
@@ -168,6 +172,7 @@ class GenerationData(TrainData):
             "attention_mask": batch["attention_mask"],
             "index": batch["index"],
             "ids": [records[x.index]["id"] for x in items],
+            "inputs": [records[x.index]["input"] for x in items],
             "references": [records[x.index]["targets"] for x in items],
         }
 
@@ -195,11 +200,14 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 class GenerationModule(PrefixTrainingModule):
     """A causal LM with any method; validates by the references' loss and by decoding."""
 
-    def __init__(self, network: CausalLM, cfg: RunConfig, tokenizer, single_line: bool = True):
+    def __init__(self, network: CausalLM, cfg: RunConfig, tokenizer, single_line: bool = True, train_records=()):
         super().__init__(network, cfg)  # self.rows: one per decoded input
         self.tokenizer = tokenizer
         self.single_line = single_line  # cut predictions at the first line break
         self.input_losses: dict[int, list[float]] = {}  # input index -> loss of each reference
+        self.train_records = list(train_records)  # rft / prefix_rft: inputs and references, by training index
+        self.rollouts: collections.deque[list[dict]] = collections.deque(maxlen=cfg.rl.rollouts_saved)
+        self._stop_ids: list[int] | None = None
 
     def forward_pairs(self, batch):
         """Losses (b t-1) and scored-token mask of a pair batch, and the network output."""
@@ -213,9 +221,39 @@ class GenerationModule(PrefixTrainingModule):
         return losses, scored, out
 
     def model_step(self, batch):
-        """The loss of every target token of the batch (their mean is the training loss)."""
+        """The loss of every target token of the batch (their mean is the training loss); rft and prefix_rft:
+        the batch's policy-gradient loss (one value)."""
+        if self.cfg.optim.objective != "sft":
+            return self.rl_step(batch)
         losses, scored, out = self.forward_pairs(batch)
         return losses[scored], out
+
+    # -- reinforcement fine-tuning ------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        trainer = self._trainer
+        return max(int(trainer.estimated_stepping_batches), 1) if trainer is not None else 1
+
+    def rl_step(self, batch):
+        """GRPO / Prefix-RFT on a batch of (input, reference) pairs (`rft.rl_step`); logs the rollouts' rewards
+        and keeps them for rollouts.jsonl. Returns the loss (1) and the network output (with the routing)."""
+        if self._stop_ids is None:
+            self._stop_ids = rft.stop_tokens(self.tokenizer, self.single_line)
+        records = [self.train_records[i] for i in batch["index"].tolist()]
+        step = rft.rl_step(
+            self.network,
+            batch,
+            records,
+            self.cfg,
+            (self.global_step, self.total_steps),
+            self.tokenizer,
+            self.decode,
+            self._stop_ids,
+        )
+        self.log_dict(step.logs, batch_size=len(records))
+        if self.rollouts.maxlen:
+            self.rollouts.append([{"step": self.global_step} | row for row in step.rows])
+        return step.loss[None], TaskOutput(step.logits, step.routing)
 
     # -- decoding -----------------------------------------------------------------------------------
     def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -259,6 +297,7 @@ class GenerationModule(PrefixTrainingModule):
             row = {
                 "index": int(batch["index"][i]),
                 "id": batch["ids"][i],
+                "input": batch["inputs"][i],
                 "prediction": self.decode(new),
                 "references": batch["references"][i],
                 "input_len": int(lengths[i]),
@@ -279,6 +318,10 @@ class GenerationModule(PrefixTrainingModule):
             metrics["val/bleu"] = scores["bleu"]
             metrics["val/rougeL"] = scores["rougeL"]
             metrics["val/new_tokens"] = sum(r["new_tokens"] for r in self.rows) / len(self.rows)
+            inputs = [r["input"] for r in self.rows]
+            if e2e_slots.all_parse(inputs):  # E2E-style inputs: the share of their slots the texts get wrong
+                ser = e2e_slots.slot_error_rate([r["prediction"] for r in self.rows], inputs)
+                metrics["val/ser"] = 100 * ser
         metrics |= routing_metrics(self.rows, self.num_experts)
         self.log_dict({k: float(v) for k, v in metrics.items()})
 
@@ -296,6 +339,13 @@ def build(cfg: RunConfig, prefix: bool = True) -> Built:
     tokenizer = load_tokenizer(path)
     data = GenerationData(cfg, tokenizer)
     data.load()
+    objective = cfg.optim.objective
+    inputs = [r["input"] for r in data.train_examples]
+    if objective != "sft" and not cfg.rl.bleu_weight and not e2e_slots.all_parse(inputs):
+        raise ConfigError(
+            f"optim.objective={objective} rewards -SER, which needs E2E meaning representations as inputs "
+            "(name: X, eatType: Y, ...); for other data set rl.bleu_weight > 0"
+        )
     backbone = AutoModelForCausalLM.from_pretrained(path)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
@@ -305,7 +355,7 @@ def build(cfg: RunConfig, prefix: bool = True) -> Built:
 
 
 def make_module(built: Built, cfg: RunConfig) -> GenerationModule:
-    return GenerationModule(built.network, cfg, built.tokenizer, built.data.single_line)
+    return GenerationModule(built.network, cfg, built.tokenizer, built.data.single_line, built.data.train_examples)
 
 
 def eval_loader(built: Built, data_file: str | None):
@@ -317,6 +367,8 @@ def write_results(run_dir: Path, module: GenerationModule, built: Built, name: s
     rd.write_samples(run_dir / rd.samples_file(name), module.rows, module.cfg.generation.num_samples_saved)
     if name is not None:
         return
+    if module.rollouts:
+        rd.write_rollouts(run_dir / rd.ROLLOUTS_FILE, [r for step in module.rollouts for r in step])
 
     def cells(row):
         return [row["id"], row["input_len"], f"{row['loss']:.6f}", row["new_tokens"]]

@@ -24,6 +24,7 @@ TASKS = ("classification", "generation")
 METHODS = ("prefix", "linear_probe", "prompt", "lora", "full")
 POOLINGS = ("mean", "cls", "last")
 SCHEDULES = ("onecycle", "cosine", "constant")
+OBJECTIVES = ("sft", "rft", "prefix_rft")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class ModelConfig:
     prompt_len: int = 16  # soft-prompt length (method=prompt)
     lora_rank: int = 8  # method=lora
     gradient_checkpointing: bool = False
+    init_from: str | None = None  # a finished run's directory: start from its trained weights (SFT -> prefix_rft)
 
     def __post_init__(self) -> None:
         for key, choices in (("task", TASKS), ("method", METHODS), ("pooling", POOLINGS)):
@@ -84,10 +86,14 @@ class OptimConfig:
     warmup_fraction: float = 0.1
     head_lr: float | None = None  # learning rate of a new task head; null: the same as lr
     router_lr: float | None = None  # learning rate of the router (its own parameter group); null: the same as lr
+    objective: str = "sft"  # generation: sft (cross-entropy on references), rft (GRPO on sampled texts) or
+    # prefix_rft (rft where part of each group continues a demonstration's prefix; Huang et al. 2025); see `rl`
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"optim.objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
 
@@ -115,12 +121,48 @@ class GenerationConfig:
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement fine-tuning of generation runs (optim.objective=rft or prefix_rft; moe_prefix/train/rft.py)."""
+
+    group_size: int = 4  # G samples per input; each one's advantage is its reward against its group's (GRPO)
+    clip: float = 0.2  # PPO clip range eps: the ratio pi / pi_old counts only within [1 - eps, 1 + eps]
+    scale_advantages: bool = True  # divide by the group's reward std (GRPO); false: mean-centred only (Dr. GRPO)
+    temperature: float = 1.0  # sampling temperature; the trained log-probabilities use the same one
+    max_new_tokens: int = 48  # tokens sampled per rollout, after its demonstration prefix (if any)
+    bleu_weight: float = 0.0  # reward = -SER + bleu_weight * sentence BLEU / 100 against the input's references
+    demo_share: float = 0.25  # prefix_rft: share of each group (rounded) that continues a demonstration prefix
+    demo_max_fraction: float = 0.95  # prefix_rft: the prefix-length bound starts at this share of the reference
+    demo_min_fraction: float = 0.05  # ... and decays to this one by a cosine over training; lengths ~ U(min, bound)
+    entropy_top_fraction: float = 0.2  # prefix_rft: only the highest-entropy share of demonstration tokens trains
+    rollouts_saved: int = 4  # rollouts.jsonl keeps every rollout of this many last training steps
+
+    def __post_init__(self) -> None:
+        hi = self.demo_max_fraction
+        checks = (
+            ("group_size", self.group_size >= 2, "must be >= 2 (advantages compare samples within a group)"),
+            ("clip", 0 < self.clip < 1, "must lie strictly between 0 and 1"),
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("bleu_weight", self.bleu_weight >= 0, "must be >= 0"),
+            ("demo_share", 0 <= self.demo_share <= 1, "must lie in [0, 1]"),
+            ("demo_max_fraction", 0 < self.demo_max_fraction <= 1, "must lie in (0, 1]"),
+            ("demo_min_fraction", 0 <= self.demo_min_fraction <= hi, f"must lie in [0, rl.demo_max_fraction={hi}]"),
+            ("entropy_top_fraction", 0 < self.entropy_top_fraction <= 1, "must lie in (0, 1]"),
+            ("rollouts_saved", self.rollouts_saved >= 0, "must be >= 0"),
+        )
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"rl.{key}={getattr(self, key)!r} {rule}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # keyword arguments of lightning.Trainer
     seed: int = 0
     threads: int | None = None  # torch CPU threads; 1 is faster on a busy 2-core machine; null: torch's default
@@ -239,6 +281,8 @@ def _check_cross(cfg: RunConfig) -> None:
         raise ConfigError(f"threads={cfg.threads} must be at least 1 (or null for torch's default)")
     if cfg.model.task == "generation" and cfg.data.source == "vader_domains":
         raise ConfigError("model.task=generation needs a generation dataset such as data.source=e2e_nlg")
+    if cfg.optim.objective != "sft" and cfg.model.task != "generation":
+        raise ConfigError(f"optim.objective={cfg.optim.objective} needs model.task=generation (classification: sft)")
     if cfg.prefix.router_input == "group" and cfg.data.group_column is None:
         raise ConfigError("prefix.router_input=group needs data.group_column (the column holding group ids)")
 

@@ -9,6 +9,8 @@ A fit writes (all at the top of the folder unless said otherwise):
 - `routing.csv`: one row per validation example (the task's columns, then prefix length and routing);
 - `labels.json` (classification): the class names in class-index order, as the data names them;
 - `samples.jsonl` (generation): generations next to their references;
+- `rollouts.jsonl` (generation with optim.objective rft or prefix_rft): the last training steps' sampled texts
+  with their demonstration length, reward, SER and advantage;
 - `logs/metrics.csv` (and `tensorboard/`), `checkpoints/`.
 
 `evaluate` adds `eval-<name>.json` (and `samples-<name>.jsonl` for generation). Evaluation, analysis
@@ -40,6 +42,7 @@ WEIGHTS_FILE = "adapter.safetensors"
 ROUTING_FILE = "routing.csv"
 LABELS_FILE = "labels.json"
 SAMPLES_FILE = "samples.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 
@@ -103,6 +106,13 @@ def write_samples(path: Path, rows: list[dict], n: int) -> None:
         for row in sorted(rows, key=lambda r: r["index"])[:n]:
             sample = {k: row[k] for k in ("id", "prediction", "references")}
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+
+def write_rollouts(path: Path, rollouts: list[dict]) -> None:
+    """Training rollouts, one JSON per line, in the order they were sampled."""
+    with open(path, "w") as f:
+        for rollout in rollouts:
+            f.write(json.dumps(rollout, ensure_ascii=False) + "\n")
 
 
 # -- reading ----------------------------------------------------------------------------------------
