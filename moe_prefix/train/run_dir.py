@@ -14,7 +14,8 @@ A fit writes (all at the top of the folder unless said otherwise):
 - `logs/metrics.csv` (and `tensorboard/`), `checkpoints/`.
 
 `evaluate` adds `eval-<name>.json` (and `samples-<name>.jsonl` for generation). Evaluation, analysis
-and the ablation runner read runs through `read_config`, `read_metrics`, `load_weights`.
+and the ablation runner read runs through `read_config`, `read_metrics`, `load_weights`,
+`read_routing_table` and `read_training_log`.
 """
 
 from __future__ import annotations
