@@ -176,7 +176,7 @@ def test_runs_start_the_installed_package_with_the_callers_environment(tmp_path,
     monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", fake_run)
     run_sweep(sweep, tmp_path)
     (fresh, fresh_env), (resumed, resumed_env) = calls
-    assert fresh[:4] == resumed[:4] == [sys.executable, "-m", "moe_prefix", "fit"]
+    assert fresh[:4] == resumed[:4] == [sys.executable, "-m", "moe_prefix.tools", "fit"]
     assert resumed[4:] == ["--resume", str(interrupted)]
     assert not any("scripts/" in a for a in fresh + resumed)
     for env in (fresh_env, resumed_env):

@@ -216,9 +216,9 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
 
 
 def test_module_help_lists_every_command(tmp_path):
-    """`python -m moe_prefix` (what the ablation runner starts) from outside the checkout."""
+    """`python -m moe_prefix.tools` (what the ablation runner starts) from outside the checkout."""
     proc = subprocess.run(
-        [sys.executable, "-m", "moe_prefix", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "moe_prefix.tools", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^ {4}(\w+) ", proc.stdout, re.MULTILINE)

@@ -14,8 +14,6 @@ LAYERS = {"core": 0, "analysis": 1, "train": 2, "tools": 3}
 
 
 def _layer(module: str) -> str:
-    if module == "moe_prefix.__main__":  # `python -m moe_prefix`: the command line
-        return "tools"
     parts = module.split(".")
     return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "core"
 

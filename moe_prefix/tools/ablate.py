@@ -1,6 +1,6 @@
 """Ablation sweeps: arms × seeds through the same `fit`, resumable, summarised with intervals and tests.
 
-Each run is `python -m moe_prefix fit` in its own process (memory is returned after every run, N workers
+Each run is `python -m moe_prefix.tools fit` in its own process (memory is returned after every run, N workers
 run side by side, and no source checkout is needed). A run whose directory holds metrics.json is done and
 skipped; one with checkpoints is resumed; so a killed sweep restarts where it stopped. The summary compares
 every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split): on
@@ -158,7 +158,7 @@ def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
 
 def fit_argv(run: Run, base: str | Path | None, resume: bool) -> list[str]:
     """The command line of one run: this interpreter's installed package, not a checkout's scripts/."""
-    fit = [sys.executable, "-m", "moe_prefix", "fit"]
+    fit = [sys.executable, "-m", "moe_prefix.tools", "fit"]
     if resume:
         return [*fit, "--resume", str(run.run_dir)]
     return [*fit, *(["--config", str(base)] if base else []), *run.overrides]

@@ -1,6 +1,6 @@
 """The `moe-prefix` command: fit, evaluate, analyze, ablate, bench, prefetch.
 
-`main` parses the arguments (`moe-prefix`, `python -m moe_prefix` and the thin scripts/*.py all call it);
+`main` parses the arguments (`moe-prefix`, `python -m moe_prefix.tools` and the thin scripts/*.py all call it);
 every command turns expected errors into one line and exit code 2, not a traceback. Imports that pull in
 torch or transformers stay inside the command bodies.
 """

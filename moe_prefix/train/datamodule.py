@@ -90,21 +90,17 @@ def load_tokenizer(path):
 
 
 class TrainData(L.LightningDataModule):
-    """What every task's data shares: load once, a resumable seeded training order, `collate`."""
+    """What every task's data shares: load once, a resumable seeded training order, `collate`.
+
+    A task's data defines `load()` (read, split and tokenise once; safe to call again, filling `train_set`)
+    and `collate(items)` (a training batch of encoded examples).
+    """
 
     def __init__(self, cfg: RunConfig, tokenizer):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.loaded = False
         self.train_set: list[Encoded] = []
-
-    def load(self) -> None:
-        """Read, split and tokenise once; safe to call again."""
-        raise NotImplementedError
-
-    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
-        """A training batch of encoded examples."""
-        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         self.load()

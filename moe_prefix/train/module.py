@@ -127,8 +127,9 @@ class Task(Protocol):
 
 class PrefixTrainingModule(L.LightningModule):
     """What every task shares: per-step seeds, logged routing statistics, the optimiser and schedule,
-    and checkpoints that hold only trainable tensors. Subclasses define `model_step` and validation,
-    and collect one dict per validated example in `self.rows` (the run directory's per-example table)."""
+    and checkpoints that hold only trainable tensors. Subclasses define `model_step(batch)` (per-example
+    losses (b) and the network output) and validation, and collect one dict per validated example in
+    `self.rows` (the run directory's per-example table)."""
 
     def __init__(self, network, cfg: RunConfig):
         super().__init__()
@@ -141,10 +142,6 @@ class PrefixTrainingModule(L.LightningModule):
     @property
     def num_experts(self) -> int:
         return self.cfg.prefix.num_experts
-
-    def model_step(self, batch):
-        """Per-example losses (b) and the network output for a batch."""
-        raise NotImplementedError
 
     def on_train_batch_start(self, batch, batch_idx):
         # Randomness (dropout, router noise) is a function of the step alone, so a resumed run
