@@ -238,3 +238,57 @@ def test_sweep_file_curve_is_checked(tmp_path):
     path.write_text("arms:\n  a: []\ncurve: {y: data.max_train_examples}\n")
     with pytest.raises(ConfigError, match="curve must be"):
         load_sweep(path)
+
+
+def test_arm_reference_becomes_the_same_seeds_run_and_waits_for_it(tmp_path, monkeypatch):
+    """`model.init_from=@sft` starts each seed's run from that seed's sft run, after it has finished, even with
+    two workers; a failed sft run skips its dependant."""
+    sweep = Sweep(None, {"sft": [], "rl": ["model.init_from=@sft"]}, seeds=[0, 1])
+    runs = {(r.arm, r.seed): r for r in plan(sweep, tmp_path)}
+    assert runs["rl", 1].after == "sft"
+    assert f"model.init_from={runs['sft', 1].run_dir}" in runs["rl", 1].overrides
+    events = []
+
+    def fake_run(cmd, **kwargs):
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        events.append(("start", run_dir))
+        init = next((a.split("=", 1)[1] for a in cmd if a.startswith("model.init_from=")), None)
+        if init is not None:
+            assert (Path(init) / rd.METRICS_FILE).is_file(), "started before the run it starts from had finished"
+        time.sleep(0.2)
+        if run_dir == runs["sft", 1].run_dir:
+            return subprocess.CompletedProcess(cmd, 1)
+        (run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/acc": 0.5, "trainable_params": 1}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", fake_run)
+    run_sweep(sweep, tmp_path, workers=2)
+    started = [d for _, d in events]
+    assert runs["rl", 0].run_dir in started and runs["rl", 1].run_dir not in started
+    assert not runs["rl", 1].done
+
+
+def test_arm_reference_must_name_an_earlier_arm(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("arms:\n  rl: [model.init_from=@later]\n  later: []\n")
+    with pytest.raises(ConfigError, match="@later must name an arm listed before it"):
+        load_sweep(path)
+
+
+def test_further_metrics_get_a_table_each(tmp_path):
+    sweep = Sweep(None, {"ref": [], "other": ["prefix.top_k=1"]}, seeds=[0, 1], reference="ref", metric="val/ser")
+    sweep.also = ["val/bleu"]
+    for run in plan(sweep, tmp_path):
+        run.run_dir.mkdir(parents=True)
+        worse = run.arm == "other"
+        metrics = {"val/ser": 10.0 + 5 * worse + run.seed, "val/bleu": 40.0 - 2 * worse, "trainable_params": 1}
+        (run.run_dir / rd.METRICS_FILE).write_text(json.dumps(metrics))
+    text = summarise(sweep, tmp_path).read_text()
+    assert "### val/ser" in text and "### val/bleu" in text
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = {(r["metric"], r["arm"]): r for r in csv.DictReader(f)}
+    assert float(rows["val/ser", "other"]["diff"]) == pytest.approx(5.0)
+    assert float(rows["val/bleu", "other"]["diff"]) == pytest.approx(-2.0)
+    assert float(rows["val/bleu", "ref"]["mean"]) == pytest.approx(40.0)
+    with open(tmp_path / "runs.csv", newline="") as f:
+        assert [float(r["val/bleu"]) for r in csv.DictReader(f)] == [40.0, 38.0, 40.0, 38.0]

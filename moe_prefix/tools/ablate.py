@@ -6,6 +6,9 @@ skipped; one with checkpoints is resumed; so a killed sweep restarts where it st
 every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split): on
 the seeds' metrics (a sign-flip test, at most 2**seeds outcomes) and on the validation examples of all
 matched seeds together (McNemar's exact test, which can decide with few seeds where the first cannot).
+
+An arm can start from another arm's runs: `model.init_from=@sft` in its overrides becomes the run directory of
+arm `sft` with the same seed, and the run waits for that one (SFT, then reinforcement fine-tuning).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import itertools
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,20 +46,28 @@ class Sweep:
     reference: str | None = None  # arm the others are tested against
     metric: str = "val/acc"
     curve: dict[str, str] | None = None  # {x: config key, series: config key}: also plot the metric against x
+    also: list[str] = field(default_factory=list)  # further metrics, each summarised in a table of its own
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric, *self.also]
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """A sweep file: base, overrides, seeds, reference, metric, arms {name: [key=value, ...]}."""
+    """A sweep file: base, overrides, seeds, reference, metric, also, curve, arms {name: [key=value, ...]}."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric", "curve"}
+    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric", "also", "curve"}
     if unknown:
         raise ConfigError(
             f"{path}: unknown sweep keys {sorted(unknown)}; "
-            "valid: base, arms, seeds, overrides, reference, metric, curve"
+            "valid: base, arms, seeds, overrides, reference, metric, also, curve"
         )
+    also = raw.get("also", [])
+    if not isinstance(also, list) or not all(isinstance(m, str) for m in also):
+        raise ConfigError(f"{path}: also must be a list of metric names such as [val/bleu, val/rougeL], got {also!r}")
     curve = raw.get("curve")
     if curve is not None and (not isinstance(curve, dict) or "x" not in curve or set(curve) - {"x", "series"}):
         raise ConfigError(f"{path}: curve must be {{x: config key, series: config key (optional)}}, got {curve!r}")
@@ -71,6 +82,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raw.get("reference"),
         raw.get("metric", "val/acc"),
         curve,
+        also,
     )
     return _check(sweep)
 
@@ -107,13 +119,36 @@ def resolve_base(base: str | None, sweep_file: Path | None = None) -> Path | Non
     raise ConfigError(f"base config not found: {base} (looked {where})")
 
 
+def _arm_reference(override: str) -> str | None:
+    """The arm named by `key=@arm` (that arm's run with the same seed), else None."""
+    value = override.split("=", 1)[1] if "=" in override else ""
+    return value[1:] if value.startswith("@") else None
+
+
+def _run_folder(out_dir: Path, arm: str, seed: int) -> Path:
+    return out_dir / _slug(arm) / f"seed{seed}"
+
+
+def _resolve_arm_reference(override: str, out_dir: Path, seed: int) -> str:
+    """`key=@arm` -> `key=<that arm's run directory for this seed>`; other overrides unchanged."""
+    target = _arm_reference(override)
+    return override if target is None else f"{override.split('=', 1)[0]}={_run_folder(out_dir, target, seed)}"
+
+
 def _check(sweep: Sweep) -> Sweep:
     """Every arm must make a valid config before the first run starts."""
     if sweep.reference is not None and sweep.reference not in sweep.arms:
         raise ConfigError(f"reference arm {sweep.reference!r} is not one of the arms: {', '.join(sweep.arms)}")
     for name, ovs in sweep.arms.items():
-        try:
-            load_config(sweep.base, [*sweep.overrides, *ovs])
+        earlier = list(sweep.arms)[: list(sweep.arms).index(name)]
+        for target in filter(None, map(_arm_reference, ovs)):
+            if target not in earlier:
+                raise ConfigError(
+                    f"arm {name!r}: @{target} must name an arm listed before it (runs start in file order); "
+                    f"arms before it: {', '.join(earlier) or 'none'}"
+                )
+        try:  # `@arm` stands for a run directory, which exists only once the sweep runs
+            load_config(sweep.base, [*sweep.overrides, *(_resolve_arm_reference(o, Path("out"), 0) for o in ovs)])
         except ConfigError as err:
             raise ConfigError(f"arm {name!r}: {err}") from None
     return sweep
@@ -129,6 +164,7 @@ class Run:
     seed: int
     run_dir: Path
     overrides: list[str]
+    after: str | None = None  # the arm whose run with this seed must finish first (an `@arm` override)
 
     @property
     def done(self) -> bool:
@@ -137,19 +173,21 @@ class Run:
 
 def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
     """Every (arm, seed) run, seed by seed: a sweep stopped part-way has compared all arms on its first seeds."""
+
     return [
         Run(
             arm,
             seed,
-            out_dir / _slug(arm) / f"seed{seed}",
+            _run_folder(out_dir, arm, seed),
             [
                 *sweep.overrides,
-                *ovs,
+                *(_resolve_arm_reference(o, out_dir, seed) for o in ovs),
                 f"seed={seed}",
-                f"run_dir={out_dir / _slug(arm) / f'seed{seed}'}",
+                f"run_dir={_run_folder(out_dir, arm, seed)}",
                 f"name={_slug(arm)}",
                 "trainer.enable_progress_bar=false",
             ],
+            next(filter(None, map(_arm_reference, ovs)), None),
         )
         for seed in sweep.seeds
         for arm, ovs in sweep.arms.items()
@@ -194,7 +232,19 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
         )
 
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        codes = list(pool.map(lambda r: _execute(r, sweep.base, log), todo))
+        # Runs start in plan order, so a run's `@arm` dependency has started (or finished) before it waits.
+        futures: dict[tuple[str, int], Future] = {}
+
+        def execute(run: Run) -> int:
+            dependency = futures.get((run.after, run.seed))
+            if dependency is not None and dependency.result() != 0:
+                log(f"FAILED (skipped: {run.after} seed {run.seed} failed) {run.arm} seed {run.seed}")
+                return -1
+            return _execute(run, sweep.base, log)
+
+        for run in todo:
+            futures[run.arm, run.seed] = pool.submit(execute, run)
+        codes = [futures[r.arm, r.seed].result() for r in todo]
     failed = [r for r, c in zip(todo, codes, strict=True) if c != 0]
     if failed:
         names = ", ".join(f"{r.arm}/seed{r.seed}" for r in failed)
@@ -234,7 +284,7 @@ def example_level_test(pairs: list[tuple[Path, Path]]) -> tuple[int, McNemarResu
 
 
 def summarise(sweep: Sweep, out_dir: Path) -> Path:
-    """runs.csv (one row per run), summary.csv/.md (one row per arm) and summary.png."""
+    """runs.csv (one row per run), summary.csv/.md (one row per arm and metric) and summary.png (the first)."""
     runs = [r for r in plan(sweep, out_dir) if r.done]
     rows = []
     for r in runs:
@@ -246,15 +296,31 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
                 "metric": m.get(sweep.metric, float("nan")),
                 "trainable_params": m.get("trainable_params"),
                 "train_time_s": m.get("train_time_s"),
+                **{name: m.get(name, float("nan")) for name in sweep.also},
             }
         )
     with open(out_dir / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["arm", "seed", "metric", "trainable_params", "train_time_s"])
+        fields = ["arm", "seed", "metric", "trainable_params", "train_time_s", *sweep.also]
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    run_dirs = {(r.arm, r.seed): r.run_dir for r in runs}
+    tables = {
+        name: _compare_arms(sweep, [{**row, "metric": row[column]} for row in rows], run_dirs)
+        for name, column in zip(sweep.metrics, ["metric", *sweep.also], strict=True)
+    }
+    _write_summary(sweep, out_dir, tables)
+    _plot(sweep, out_dir, tables[sweep.metric], rows)
+    if sweep.curve:
+        _curve(sweep, out_dir, tables[sweep.metric])
+    return out_dir / "summary.md"
+
+
+def _compare_arms(sweep: Sweep, rows: list[dict], run_dirs: dict[tuple[str, int], Path]) -> list[dict]:
+    """One entry per arm with runs: mean and interval of rows' `metric`, and the paired tests against the
+    reference arm (seed level on the metric; example level on routing.csv, whatever the metric)."""
     by_arm = {arm: {row["seed"]: row for row in rows if row["arm"] == arm} for arm in sweep.arms}
     ref = by_arm.get(sweep.reference or "", {})
-    run_dirs = {(r.arm, r.seed): r.run_dir for r in runs}
     summary, pvalues, example_pvalues = [], [], []
     for arm, seeds in by_arm.items():
         if not seeds:
@@ -299,41 +365,42 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
             adjusted = holm([p for _, p in found])
             for (i, _), q in zip(found, adjusted, strict=True):
                 summary[i][key] = float(q)
-    _write_summary(sweep, out_dir, summary)
-    _plot(sweep, out_dir, summary, rows)
-    if sweep.curve:
-        _curve(sweep, out_dir, summary)
-    return out_dir / "summary.md"
+    return summary
 
 
 def _fmt(x, spec=".4f"):
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
-def _write_summary(sweep: Sweep, out_dir: Path, summary: list[dict]) -> None:
+def _write_summary(sweep: Sweep, out_dir: Path, tables: dict[str, list[dict]]) -> None:
     keys = ["arm", "n", "mean", "ci_low", "ci_high", "diff", "p", "p_holm", "d", "trainable_params", "train_time_s"]
-    keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm"]  # appended: old columns keep their place
+    keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm", "metric"]  # appended: old columns stay
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(summary)
+        writer.writerows({**e, "metric": name} for name, summary in tables.items() for e in summary)
     ref = sweep.reference or "–"
-    lines = [
-        f"| arm | seeds | {sweep.metric} mean | 95 % bootstrap CI | Δ vs {ref} | p (paired perm.) | p (Holm) "
-        "| Cohen's d (paired) | example pairs | only arm / only ref right | p (McNemar) | p (McNemar, Holm) "
-        "| trainable params | train time (s, median) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in summary:
-        discordant = f"{e['only_arm']} / {e['only_ref']}" if e["pairs"] else "–"
-        lines.append(
-            f"| {e['arm']} | {e['n']} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] "
-            f"| {_fmt(e['diff'], '+.4f')} | {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} "
-            f"| {_fmt(e['d'], '.2f')} | {e['pairs'] or '–'} | {discordant} | {_fmt(e['p_example'], '.2g')} "
-            f"| {_fmt(e['p_example_holm'], '.2g')} | {e['trainable_params']:,} | {_fmt(e['train_time_s'], '.0f')} |"
-        )
+    lines = []
+    for name, summary in tables.items():
+        if len(tables) > 1:
+            lines += [f"### {name}", ""]
+        lines += [
+            f"| arm | seeds | {name} mean | 95 % bootstrap CI | Δ vs {ref} | p (paired perm.) | p (Holm) "
+            "| Cohen's d (paired) | example pairs | only arm / only ref right | p (McNemar) | p (McNemar, Holm) "
+            "| trainable params | train time (s, median) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in summary:
+            discordant = f"{e['only_arm']} / {e['only_ref']}" if e["pairs"] else "–"
+            lines.append(
+                f"| {e['arm']} | {e['n']} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] "
+                f"| {_fmt(e['diff'], '+.4f')} | {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} "
+                f"| {_fmt(e['d'], '.2f')} | {e['pairs'] or '–'} | {discordant} | {_fmt(e['p_example'], '.2g')} "
+                f"| {_fmt(e['p_example_holm'], '.2g')} | {e['trainable_params']:,} "
+                f"| {_fmt(e['train_time_s'], '.0f')} |"
+            )
+        lines.append("")
     lines += [
-        "",
         f"Reference arm: {ref}. p: two-sided paired sign-flip permutation test on matched seeds (exact "
         "enumeration for few seeds; with 3 seeds the smallest attainable p is 0.25), Holm-corrected across arms. "
         "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best). "
