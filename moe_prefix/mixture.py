@@ -104,6 +104,31 @@ class PrefixMixture(nn.Module):
                 hidden = self._pre_pass(input_ids, attention_mask)
         return _masked_mean(hidden.float(), attention_mask)
 
+    @torch.no_grad()
+    def candidate_router_features(self, input_ids, attention_mask=None) -> dict[str, Tensor]:
+        """What each router input would give these inputs (b m each), from one frozen pass without prefix:
+        "embeddings", then "hidden1" ... "hiddenL" (router_input=hidden with router_layer=1..L).
+
+        For choosing prefix.router_input / router_layer before training (`moe-prefix router-features`).
+        """
+        layers = _decoder_layers(self.backbone, self.dims.num_layers)
+        outputs: list[Tensor] = []
+
+        def keep(_module, _args, output):
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layer.register_forward_hook(keep) for layer in layers]
+        try:
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        embeddings = self.backbone.get_input_embeddings()(input_ids)
+        features = {"embeddings": _masked_mean(embeddings.float(), attention_mask)}
+        for depth, hidden in enumerate(outputs, start=1):
+            features[f"hidden{depth}"] = _masked_mean(hidden.float(), attention_mask)
+        return features
+
     def _pre_pass(self, input_ids, attention_mask) -> Tensor:
         """Hidden states after the first router_layer layers of the frozen model, without any prefix."""
         layers = _decoder_layers(self.backbone, self.dims.num_layers)

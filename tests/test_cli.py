@@ -226,7 +226,7 @@ def test_module_help_lists_every_command(tmp_path):
 
 
 def test_every_script_is_a_command():
-    assert {p.stem for p in (ROOT / "scripts").glob("*.py")} == set(COMMANDS)
+    assert {p.stem.replace("_", "-") for p in (ROOT / "scripts").glob("*.py")} == set(COMMANDS)
 
 
 def test_bench_is_offline_unless_asked(monkeypatch):

@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_bert
+from conftest import VOCAB, tiny_bert, tiny_llama, tiny_run_overrides
 
 from moe_prefix import PrefixConfig, attach
 from moe_prefix.analysis.routing_stats import normalized_mutual_info
 from moe_prefix.router import Router, balanced_topk, kmeans
 from moe_prefix.train.module import routing_metrics
-from moe_prefix.train.run_config import load_config
+from moe_prefix.train.run_config import ConfigError, load_config
 
 
 def _clustered_batches(num_clusters: int, per_cluster: int = 12, t: int = 8, seed: int = 0):
@@ -162,3 +162,37 @@ def test_prompt_tuning_initialisation_follows_the_seed():
         torch.manual_seed(seed)
         prompts.append(SoftPrompt(backbone, 4).prompt.detach().clone())
     assert torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[0], prompts[2])
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
+def test_candidate_router_features_are_what_each_router_input_computes(make):
+    """One pass gives, for every choice of router input, exactly the features that choice routes on."""
+    ids = torch.randint(5, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padding must not count
+    candidates = attach(make(), PrefixConfig(num_experts=2, prefix_len=2, top_k=1)).candidate_router_features(ids, mask)
+    assert list(candidates) == ["embeddings", "hidden1", "hidden2"]
+    for name, got in candidates.items():
+        option = (
+            {"router_input": "embeddings"}
+            if name == "embeddings"
+            else {"router_input": "hidden", "router_layer": int(name.removeprefix("hidden"))}
+        )
+        mixture = attach(make(), PrefixConfig(num_experts=2, prefix_len=2, top_k=1, **option))
+        torch.testing.assert_close(got, mixture.router_features(ids, mask), rtol=0, atol=0, msg=name)
+
+
+def test_router_features_command_compares_each_input_with_the_groups(tiny_backbone_dir, reviews_csv, tmp_path):
+    from moe_prefix.tools.router_features import group_separation, markdown_table
+
+    cfg = load_config(None, tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "run"))
+    rows = group_separation(cfg, seeds=2)
+    assert [r["router_input"] for r in rows] == ["embeddings", "hidden1", "hidden2"]
+    assert all(0 <= r["nmi_min"] <= r["nmi_mean"] <= r["nmi_max"] <= 1 for r in rows)
+    assert "`prefix.router_input=hidden prefix.router_layer=2`" in markdown_table(rows, cfg, 2)
+    assert not (tmp_path / "run").exists()  # a diagnostic: no run directory
+    no_groups = load_config(
+        None, tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "run", **{"data.group_column": "null"})
+    )
+    with pytest.raises(ConfigError, match="set data.group_column"):
+        group_separation(no_groups)

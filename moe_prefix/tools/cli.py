@@ -1,4 +1,4 @@
-"""The `moe-prefix` command: fit, evaluate, analyze, ablate, bench, prefetch.
+"""The `moe-prefix` command: fit, evaluate, analyze, router-features, ablate, bench, prefetch.
 
 `main` parses the arguments (`moe-prefix`, `python -m moe_prefix.tools` and the thin scripts/*.py all call it);
 every command turns expected errors into one line and exit code 2, not a traceback. Imports that pull in
@@ -99,6 +99,14 @@ def analyze_command(run_dir: str, max_examples: int | None) -> int:
     from moe_prefix.tools.analyze import analyze_run
 
     print(f"report written to {analyze_run(run_dir, max_examples=max_examples)}")
+    return 0
+
+
+def router_features_command(config: str | None, overrides: list[str], seeds: int) -> int:
+    from moe_prefix.tools.router_features import group_separation, markdown_table
+
+    cfg = load_config(config, overrides)
+    print(markdown_table(group_separation(cfg, seeds=seeds), cfg, seeds))
     return 0
 
 
@@ -227,6 +235,13 @@ def _analyze_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=lambda a: run_cli(analyze_command, a.run_dir, a.max_examples or None))
 
 
+def _router_features_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config of a prefix run whose data has groups (data.group_column)")
+    p.add_argument("--seeds", type=int, default=3, help="k-means seeds per router input (default 3)")
+    p.add_argument("overrides", nargs="*", help="config overrides such as data.source=multisource4_shared")
+    p.set_defaults(run=lambda a: run_cli(router_features_command, a.config, a.overrides, a.seeds))
+
+
 def _ablate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_file", nargs="?", help="YAML sweep such as configs/ablations/headline.yaml")
     p.add_argument("--base", help="base config for --sweep (relative to the current directory)")
@@ -283,6 +298,10 @@ COMMANDS = {
     "fit": (_fit_parser, "train one run: --config FILE [key=value ...] | --resume RUN_DIR"),
     "evaluate": (_evaluate_parser, "score a finished run on its validation split or on another file"),
     "analyze": (_analyze_parser, "write RUN_DIR/analysis/report.md with its figures"),
+    "router-features": (
+        _router_features_parser,
+        "before training: which router input (embeddings, hidden after layer l) lets k-means find the groups",
+    ),
     "ablate": (_ablate_parser, "run an ablation sweep (arms x seeds) and summarise it; restarts where it stopped"),
     "bench": (_bench_parser, "benchmark prefix methods: ms/step, tokens/s, peak memory (docs/benchmarks.md)"),
     "prefetch": (_prefetch_parser, "fetch the pinned offline assets into the cache (then copy it elsewhere)"),
