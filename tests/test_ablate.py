@@ -276,12 +276,15 @@ def test_arm_reference_must_name_an_earlier_arm(tmp_path):
 
 
 def test_further_metrics_get_a_table_each(tmp_path):
-    sweep = Sweep(None, {"ref": [], "other": ["prefix.top_k=1"]}, seeds=[0, 1], reference="ref", metric="val/ser")
+    arms = {"ref": [], "other": ["prefix.top_k=1"], "no_bleu": ["prefix.top_k=2"]}
+    sweep = Sweep(None, arms, seeds=[0, 1], reference="ref", metric="val/ser")
     sweep.also = ["val/bleu"]
     for run in plan(sweep, tmp_path):
         run.run_dir.mkdir(parents=True)
         worse = run.arm == "other"
         metrics = {"val/ser": 10.0 + 5 * worse + run.seed, "val/bleu": 40.0 - 2 * worse, "trainable_params": 1}
+        if run.arm == "no_bleu":  # a run that does not report the metric is left out of its table
+            del metrics["val/bleu"]
         (run.run_dir / rd.METRICS_FILE).write_text(json.dumps(metrics))
     text = summarise(sweep, tmp_path).read_text()
     assert "### val/ser" in text and "### val/bleu" in text
@@ -290,5 +293,6 @@ def test_further_metrics_get_a_table_each(tmp_path):
     assert float(rows["val/ser", "other"]["diff"]) == pytest.approx(5.0)
     assert float(rows["val/bleu", "other"]["diff"]) == pytest.approx(-2.0)
     assert float(rows["val/bleu", "ref"]["mean"]) == pytest.approx(40.0)
+    assert ("val/ser", "no_bleu") in rows and ("val/bleu", "no_bleu") not in rows
     with open(tmp_path / "runs.csv", newline="") as f:
-        assert [float(r["val/bleu"]) for r in csv.DictReader(f)] == [40.0, 38.0, 40.0, 38.0]
+        assert [r["val/bleu"] for r in csv.DictReader(f)] == ["40.0", "38.0", "nan"] * 2

@@ -305,8 +305,13 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     run_dirs = {(r.arm, r.seed): r.run_dir for r in runs}
-    tables = {
-        name: _compare_arms(sweep, [{**row, "metric": row[column]} for row in rows], run_dirs)
+    tables = {  # a run without the metric (LoRA has no routing NMI) is left out of that metric's table
+        name: _compare_arms(
+            sweep,
+            [{**row, "metric": row[column]} for row in rows if not _missing(row[column])],
+            run_dirs,
+            example_level=name == sweep.metric,
+        )
         for name, column in zip(sweep.metrics, ["metric", *sweep.also], strict=True)
     }
     _write_summary(sweep, out_dir, tables)
@@ -316,9 +321,16 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
     return out_dir / "summary.md"
 
 
-def _compare_arms(sweep: Sweep, rows: list[dict], run_dirs: dict[tuple[str, int], Path]) -> list[dict]:
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _compare_arms(
+    sweep: Sweep, rows: list[dict], run_dirs: dict[tuple[str, int], Path], example_level: bool = True
+) -> list[dict]:
     """One entry per arm with runs: mean and interval of rows' `metric`, and the paired tests against the
-    reference arm (seed level on the metric; example level on routing.csv, whatever the metric)."""
+    reference arm: on the seeds' metric, and (example_level) McNemar's on the correctness of each validation
+    example in routing.csv, which belongs with the sweep's main metric only."""
     by_arm = {arm: {row["seed"]: row for row in rows if row["arm"] == arm} for arm in sweep.arms}
     ref = by_arm.get(sweep.reference or "", {})
     summary, pvalues, example_pvalues = [], [], []
@@ -346,7 +358,7 @@ def _compare_arms(sweep: Sweep, rows: list[dict], run_dirs: dict[tuple[str, int]
             "p_example_holm": np.nan,
         }
         matched = sorted(set(seeds) & set(ref))
-        if arm != sweep.reference and matched:
+        if example_level and arm != sweep.reference and matched:
             pairs = [(run_dirs[arm, s], run_dirs[sweep.reference, s]) for s in matched]
             entry["pairs"], test = example_level_test(pairs)
             if test is not None:
