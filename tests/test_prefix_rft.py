@@ -158,6 +158,19 @@ def test_slots_outside_the_ontology_match_their_words():
     assert errors("alpha serves curry .", "name : alpha , food : pasta") == {"missing": ["food"]}
 
 
+def test_slots_copied_in_mr_syntax_are_not_realised():
+    """Copying the input would otherwise score SER 0: a policy trained on -SER learnt to write `key: value`."""
+    mr = "name: Cocum, eatType: pub, familyFriendly: yes, near: The Sorrento"
+    missing = {"missing": ["name", "near", "eatType", "familyFriendly"]}
+    assert errors(mr, mr) == missing
+    assert errors("name[Cocum], eatType[pub], familyFriendly[yes], near[The Sorrento]", mr) == missing
+    assert errors("Cocum is a pub, familyFriendly: yes, near: The Sorrento", mr) == {
+        "missing": ["near", "familyFriendly"]
+    }
+    # prose that merely contains the words is untouched
+    assert errors("Cocum is a family-friendly pub near The Sorrento.", mr) == {}
+
+
 # -- the objective -------------------------------------------------------------------------------------------
 
 

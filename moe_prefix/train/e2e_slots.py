@@ -18,6 +18,10 @@ Text and values are compared lower-cased, with accents dropped (Café = Cafe) an
 (family-friendly = family friendly). Before the closed-set slots are read, the MR's own names are blanked
 out of the text, so "Raja Indian Cuisine" (a venue) is not read as food[Indian], nor "Rainbow Vegetarian
 Café" as a coffee shop.
+
+A slot written in the MR's own syntax (`familyFriendly: yes`, `near[The Sorrento]`, `name: Blue Spice`) is
+not realised: such fragments are blanked out first. Copying the input is thus no way to a low SER, which
+matters once SER is a reward: a policy trained on -SER learnt to write `familyFriendly: yes` (issue 13).
 """
 
 from __future__ import annotations
@@ -136,6 +140,11 @@ ALIASES = {
 # Keys as the E2E files spell them, read case- and space-insensitively (familyfriendly, customerRating).
 _KEYS = {re.sub(r"[\s_]", "", k.lower()): k for k in (*NAME_SLOTS, *ONTOLOGY)}
 _SLOT_BRACKETS = re.compile(r"\s*([^,\[\]]+?)\s*\[([^\]]*)\]\s*(?:,|$)")
+# A key in MR syntax inside normalised text: `familyfriendly: yes` (up to the next , . or ;) or `near[...]`.
+_MR_FRAGMENT = re.compile(
+    r"\b(?:name|near|food|area|eat ?type|family ?friendly|price ?range|customer ?rating)"
+    r"\s*(?::[^,.;]*|\[[^\]]*\])"
+)
 
 
 def normalise(text: str) -> str:
@@ -228,7 +237,7 @@ def check_slots(text: str, mr: str | list[tuple[str, str]]) -> SlotCheck:
     slots = parse_mr(mr) if isinstance(mr, str) else mr
     if slots is None:
         raise ValueError(f"not a meaning representation: {mr!r}")
-    norm = normalise(text)
+    norm = _MR_FRAGMENT.sub(" ", normalise(text))  # MR syntax copied into the text realises nothing
     check = SlotCheck(len(slots))
     # Names first, blanked out of the text, so that what they contain is not read as another slot.
     for key, value in slots:
