@@ -173,7 +173,6 @@ class Run:
 
 def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
     """Every (arm, seed) run, seed by seed: a sweep stopped part-way has compared all arms on its first seeds."""
-
     return [
         Run(
             arm,
