@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Imported at collection, before any test captures output: Lightning's log handler keeps the stream it first
+# sees, and a test's captured stream is closed after it ("Logging error" in the tests that follow).
+import lightning.pytorch  # noqa: F401
 import pytest
 from conftest import poison_loss_from_step, tiny_run_overrides, write_reviews_csv
 
