@@ -24,6 +24,8 @@ def group_separation(cfg: RunConfig, seeds: int = 3, sample: int = KMEANS_SAMPLE
     `seeds` k-means seeds (cfg.seed, cfg.seed + 1, ...)."""
     if cfg.model.method != "prefix":
         raise ConfigError(f"router features need model.method=prefix, got {cfg.model.method!r}")
+    if cfg.prefix.router_input == "group":
+        raise ConfigError("prefix.router_input=group routes by the group itself: there are no input features to compare")
     if cfg.data.group_column is None:
         raise ConfigError("router features are compared with the groups: set data.group_column")
     if cfg.threads is not None:
