@@ -25,7 +25,7 @@ def group_separation(cfg: RunConfig, seeds: int = 3, sample: int = KMEANS_SAMPLE
     if cfg.model.method != "prefix":
         raise ConfigError(f"router features need model.method=prefix, got {cfg.model.method!r}")
     if cfg.prefix.router_input == "group":
-        raise ConfigError("prefix.router_input=group routes by the group itself: there are no input features to compare")
+        raise ConfigError("prefix.router_input=group routes by the group itself: no input features to compare")
     if cfg.data.group_column is None:
         raise ConfigError("router features are compared with the groups: set data.group_column")
     if cfg.threads is not None:
