@@ -212,3 +212,46 @@ def poison_loss_from_step(monkeypatch, step: int) -> None:
         return (losses * float("nan") if self.training and self.global_step >= step else losses), out
 
     monkeypatch.setattr(ClassificationModule, "model_step", poisoned)
+
+
+# A tiny causal LM over a word-level vocabulary of E2E-like descriptions (generation and RL tests).
+NAMES = ["alpha", "bravo", "cosmo", "delta", "echo", "foxtrot", "golf", "hotel"]
+FOODS = ["pasta", "sushi", "curry"]
+AREAS = ["north", "south"]
+LM_WORDS = ["name", "food", "area", ":", ",", "serves", "in", "the", "a", "place", "is", ".", "located"]
+LM_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+EOS = 3
+
+
+def save_tiny_causal_lm(folder):
+    """A tiny Llama (grouped-query attention) and a word-level tokenizer, saved like a pretrained folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = LM_SPECIALS + LM_WORDS + NAMES + FOODS + AREAS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"))

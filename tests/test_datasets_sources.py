@@ -7,9 +7,9 @@ import json
 
 import datasets
 import pytest
-from conftest import tiny_run_overrides, write_reviews_csv
+from conftest import save_tiny_causal_lm, tiny_run_overrides, write_reviews_csv
 from test_generation import overrides as generation_overrides
-from test_generation import save_tiny_causal_lm, write_descriptions_jsonl
+from test_generation import write_descriptions_jsonl
 
 from moe_prefix.train.engine import evaluate_run, fit
 from moe_prefix.train.run_config import load_config

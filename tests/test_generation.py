@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import AREAS, EOS, FOODS, NAMES
 
 from moe_prefix.injection import STATE_KWARG
 from moe_prefix.train.engine import evaluate_run, fit
@@ -14,42 +14,6 @@ from moe_prefix.train.generation import generation_scores as scores
 from moe_prefix.train.run_config import load_config
 
 torch.set_num_threads(1)
-
-NAMES = ["alpha", "bravo", "cosmo", "delta", "echo", "foxtrot", "golf", "hotel"]
-FOODS = ["pasta", "sushi", "curry"]
-AREAS = ["north", "south"]
-WORDS = ["name", "food", "area", ":", ",", "serves", "in", "the", "a", "place", "is", ".", "located"]
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-EOS = 3
-
-
-def save_tiny_causal_lm(folder):
-    """A tiny Llama (grouped-query attention) and a word-level tokenizer, saved like a pretrained folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = SPECIALS + WORDS + NAMES + FOODS + AREAS
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        bos_token_id=2,
-        eos_token_id=EOS,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
 
 
 def write_descriptions_jsonl(path, seed=0):
@@ -69,11 +33,6 @@ def write_descriptions_jsonl(path, seed=0):
                 for target in targets:
                     f.write(json.dumps({"mr": source, "ref": target.strip()}) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
-from test_generation import NAMES, overrides, save_tiny_causal_lm
+from conftest import NAMES
+from test_generation import overrides
 
 from moe_prefix.train import generation, rft
+from moe_prefix.train.datamodule import pad_tokens
 from moe_prefix.train.e2e_slots import check_slots, parse_mr, slot_error_rate
 from moe_prefix.train.engine import fit
 from moe_prefix.train.generation import GenerationModule
@@ -254,11 +256,6 @@ def write_pasta_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
 def pasta(tmp_path_factory):
     return write_pasta_jsonl(tmp_path_factory.mktemp("data") / "pasta.jsonl")
 
@@ -278,8 +275,8 @@ def rl_overrides(lm, data, run_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def built_rl(tiny_lm, pasta, tmp_path_factory):
-    cfg = load_config(None, rl_overrides(tiny_lm, pasta, tmp_path_factory.mktemp("unused")))
+def built_rl(tiny_lm_dir, pasta, tmp_path_factory):
+    cfg = load_config(None, rl_overrides(tiny_lm_dir, pasta, tmp_path_factory.mktemp("unused")))
     built = generation.build(cfg)
     module = generation.make_module(built, cfg)
     return cfg, built, module
@@ -301,7 +298,7 @@ def test_rollouts_continue_the_demonstration_and_end_at_eos(built_rl):
     assert all(r and built.tokenizer.eos_token_id not in r for r in refs)
     lengths = torch.tensor([2, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0])
     mixture = built.network.mixture
-    ids, mask = rft.left_pad(prompts, built.tokenizer.pad_token_id)
+    ids, mask = pad_tokens(prompts, built.tokenizer.pad_token_id, left=True)
     _, state = mixture.prepare(ids, mask)
     stops = rft.stop_tokens(built.tokenizer, module.single_line)
     out = rft.sample_rollouts(built.network, state, prompts, refs, lengths, cfg.rl, stops, 0)
@@ -325,9 +322,9 @@ def test_scoring_forward_reproduces_the_sampling_policy(built_rl):
     prompts, refs = rft.split_pairs(batch, built.tokenizer.eos_token_id)
     mixture = built.network.mixture
     mixture.train()  # router noise on, as in training: the state fixes one draw for sampling and scoring
-    ids, mask = rft.left_pad(prompts, 0)
+    ids, mask = pad_tokens(prompts, 0, left=True)
     _, state = mixture.prepare(ids, mask)
-    given, given_mask = rft.left_pad([p for p in prompts for _ in range(2)], 0)
+    given, given_mask = pad_tokens([p for p in prompts for _ in range(2)], 0, left=True)
     gen = built.network.generate(
         given, given_mask, state=state, do_sample=True, top_k=0, max_new_tokens=5, eos_token_id=[99],
         pad_token_id=0, return_dict_in_generate=True, output_logits=True,
@@ -398,10 +395,10 @@ def test_study_configs_differ_from_the_sft_config_only_in_objective_batch_and_st
         assert cfg.generation == sft.generation and cfg.threads == 1
 
 
-def test_rft_on_inputs_that_are_no_meaning_representations_needs_a_bleu_reward(tiny_lm, tmp_path):
+def test_rft_on_inputs_that_are_no_meaning_representations_needs_a_bleu_reward(tiny_lm_dir, tmp_path):
     path = tmp_path / "free.jsonl"
     path.write_text("".join(json.dumps({"mr": f"say {n}", "ref": f"{n} ."}) + "\n" for n in NAMES))
-    cfg = load_config(None, rl_overrides(tiny_lm, path, tmp_path / "run"))
+    cfg = load_config(None, rl_overrides(tiny_lm_dir, path, tmp_path / "run"))
     with pytest.raises(ConfigError, match="needs E2E meaning representations.*rl.bleu_weight > 0"):
         fit(cfg)
     assert not (tmp_path / "run").exists()
@@ -425,12 +422,12 @@ def test_val_ser_is_reported_only_for_meaning_representations(built_rl, monkeypa
 
 
 @pytest.mark.slow  # two tiny fits, ~4 s
-def test_prefix_rft_run_raises_the_mean_reward(tiny_lm, pasta, tmp_path):
+def test_prefix_rft_run_raises_the_mean_reward(tiny_lm_dir, pasta, tmp_path):
     """The mean reward (-SER) of the policy's greedy texts on held-out inputs, untrained and after 30 steps."""
     # 6 training inputs, 12 pairs; groups of 8, 2 of them from a demonstration (seeds 0-3 all learn "pasta")
     task = {"data.val_fraction": 0.25, "rl.group_size": 8, "rl.demo_share": 0.25, "trainer.max_steps": 30}
-    before = fit(load_config(None, rl_overrides(tiny_lm, pasta, tmp_path / "a", **task, **{"optim.lr": 1e-9})))
-    after = fit(load_config(None, rl_overrides(tiny_lm, pasta, tmp_path / "b", **task)))
+    before = fit(load_config(None, rl_overrides(tiny_lm_dir, pasta, tmp_path / "a", **task, **{"optim.lr": 1e-9})))
+    after = fit(load_config(None, rl_overrides(tiny_lm_dir, pasta, tmp_path / "b", **task)))
     assert before.metrics["val/ser"] > after.metrics["val/ser"]  # val/ser = -100 * mean reward
     assert after.metrics["val/ser"] <= 50.0  # "pasta" learnt; names would need copying from the prompt
     rows = [r for r in csv.DictReader(open(after.run_dir / "logs" / "metrics.csv")) if r.get("train/demo_bound")]
@@ -445,7 +442,7 @@ def test_prefix_rft_run_raises_the_mean_reward(tiny_lm, pasta, tmp_path):
 
 
 @pytest.mark.slow  # whole fits
-def test_killed_rl_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_lm, pasta, tmp_path, monkeypatch):
+def test_killed_rl_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_lm_dir, pasta, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     steps_run, kill_at = [], []
@@ -462,7 +459,7 @@ def test_killed_rl_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_lm, p
 
     def run(run_dir, resume=False):
         steps_run.clear()
-        cfg = load_config(None, rl_overrides(tiny_lm, pasta, run_dir, **extra))
+        cfg = load_config(None, rl_overrides(tiny_lm_dir, pasta, run_dir, **extra))
         return load_file(str(fit(cfg, resume=resume).run_dir / "adapter.safetensors"))
 
     straight = run(tmp_path / "straight")
@@ -478,13 +475,13 @@ def test_killed_rl_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_lm, p
 
 
 @pytest.mark.slow  # whole fits
-def test_init_from_starts_prefix_rft_from_a_finished_sft_run(tiny_lm, pasta, tmp_path, monkeypatch):
+def test_init_from_starts_prefix_rft_from_a_finished_sft_run(tiny_lm_dir, pasta, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from moe_prefix.tools.cli import fit_command
     from moe_prefix.train.networks import trainable_state_dict
 
-    sft = fit(load_config(None, overrides(tiny_lm, pasta, tmp_path / "sft", **{"data.val_fraction": 0.5})))
+    sft = fit(load_config(None, overrides(tiny_lm_dir, pasta, tmp_path / "sft", **{"data.val_fraction": 0.5})))
     trained = load_file(str(sft.run_dir / "adapter.safetensors"))
     seen = {}
     monkeypatch.setattr(
@@ -492,10 +489,10 @@ def test_init_from_starts_prefix_rft_from_a_finished_sft_run(tiny_lm, pasta, tmp
         "on_train_start",
         lambda self: seen.update({k: v.clone() for k, v in trainable_state_dict(self.network).items()}),
     )
-    args = rl_overrides(tiny_lm, pasta, tmp_path / "rft", **{"trainer.max_steps": 1})
+    args = rl_overrides(tiny_lm_dir, pasta, tmp_path / "rft", **{"trainer.max_steps": 1})
     assert fit_command(None, args, None, str(sft.run_dir)) == 0
     assert seen.keys() == trained.keys() and all(torch.equal(seen[k], trained[k]) for k in trained)
-    nowhere = rl_overrides(tiny_lm, pasta, tmp_path / "x", **{"model.init_from": "nowhere"})
+    nowhere = rl_overrides(tiny_lm_dir, pasta, tmp_path / "x", **{"model.init_from": "nowhere"})
     with pytest.raises(ConfigError, match="model.init_from='nowhere' is not a finished run directory"):
         fit(load_config(None, nowhere))
     assert not (tmp_path / "x").exists()

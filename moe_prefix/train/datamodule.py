@@ -61,15 +61,20 @@ class EpochSampler(Sampler[int]):
         return len(range(self.rank, self.n - self.skip, self.world))
 
 
-def pad_batch(items: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    t = max(len(x.input_ids) for x in items)
-    ids = torch.full((len(items), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), t), dtype=torch.long)
-    for i, x in enumerate(items):
-        n = len(x.input_ids)
-        sl = slice(t - n, t) if left else slice(0, n)
-        ids[i, sl] = torch.tensor(x.input_ids)
+def pad_tokens(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> padded ids and mask (n t); left-padded, every row's next token lands in the same column."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(t - len(r), t) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
         mask[i, sl] = 1
+    return ids, mask
+
+
+def pad_batch(items: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    ids, mask = pad_tokens([x.input_ids for x in items], pad_id, left)
     return {
         "input_ids": ids,
         "attention_mask": mask,

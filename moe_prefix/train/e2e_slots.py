@@ -141,9 +141,9 @@ ALIASES = {
 _KEYS = {re.sub(r"[\s_]", "", k.lower()): k for k in (*NAME_SLOTS, *ONTOLOGY)}
 _SLOT_BRACKETS = re.compile(r"\s*([^,\[\]]+?)\s*\[([^\]]*)\]\s*(?:,|$)")
 # A key in MR syntax inside normalised text: `familyfriendly: yes` (up to the next , . or ;) or `near[...]`.
+_KEY_WORDS = [re.sub(r"(?<=[a-z])(?=[A-Z])", " ", k).lower() for k in (*NAME_SLOTS, *ONTOLOGY)]  # eatType: eat type
 _MR_FRAGMENT = re.compile(
-    r"\b(?:name|near|food|area|eat ?type|family ?friendly|price ?range|customer ?rating)"
-    r"\s*(?::[^,.;]*|\[[^\]]*\])"
+    r"\b(?:" + "|".join(w.replace(" ", " ?") for w in _KEY_WORDS) + r")\s*(?::[^,.;]*|\[[^\]]*\])"
 )
 
 

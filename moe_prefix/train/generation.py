@@ -368,7 +368,7 @@ def write_results(run_dir: Path, module: GenerationModule, built: Built, name: s
     if name is not None:
         return
     if module.rollouts:
-        rd.write_rollouts(run_dir / rd.ROLLOUTS_FILE, [r for step in module.rollouts for r in step])
+        rd.write_jsonl(run_dir / rd.ROLLOUTS_FILE, [r for step in module.rollouts for r in step])
 
     def cells(row):
         return [row["id"], row["input_len"], f"{row['loss']:.6f}", row["new_tokens"]]

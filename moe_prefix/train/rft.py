@@ -48,6 +48,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import e2e_slots
+from .datamodule import pad_tokens
 from .run_config import RLConfig, RunConfig
 
 # -- the objective ------------------------------------------------------------------------------------------
@@ -120,18 +121,6 @@ class Rollouts:
     tokens: list[list[int]]  # each text: demonstration + sampled tokens, without the one that ended it
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Token lists -> left-padded ids and mask (n t): every row's next token lands in the same column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def split_pairs(batch: dict, eos_id: int) -> tuple[list[list[int]], list[list[int]]]:
     """A batch of (prompt + reference + eos) pairs -> each row's prompt tokens and reference tokens."""
     prompts, references = [], []
@@ -159,7 +148,7 @@ def sample_rollouts(
     demos = [references[i // g][: int(n)] for i, n in enumerate(lengths)]
     given = [prompts[i // g] + d for i, d in enumerate(demos)]
     device = next(network.parameters()).device
-    ids, mask = (x.to(device) for x in left_pad(given, pad_id))
+    ids, mask = (x.to(device) for x in pad_tokens(given, pad_id, left=True))
     extra = {} if network.mixture is None else {"state": state}
     out = network.generate(
         ids,
@@ -241,10 +230,8 @@ def rollout_rewards(
     texts: list[str], mrs: list[str], references: list[list[str]], bleu_weight: float
 ) -> tuple[Tensor, list[float | None]]:
     """Rewards (n): -SER (0 where the input is no MR) + bleu_weight * BLEU / 100; and each text's SER, a fraction."""
-    sers = [
-        e2e_slots.check_slots(t, mr).ser if e2e_slots.parse_mr(mr) is not None else None
-        for t, mr in zip(texts, mrs, strict=True)
-    ]
+    slots = [e2e_slots.parse_mr(mr) for mr in mrs]
+    sers = [None if s is None else e2e_slots.check_slots(t, s).ser for t, s in zip(texts, slots, strict=True)]
     rewards = [-(s or 0.0) for s in sers]
     if bleu_weight:
         bleu = [sentence_bleu(t, refs) for t, refs in zip(texts, references, strict=True)]
@@ -292,7 +279,7 @@ def rl_step(network, batch, records, cfg: RunConfig, progress, tokenizer, decode
     routing = state = None
     if network.mixture is not None:  # routed once per input from its prompt; its group shares the prefix
         device = next(network.parameters()).device
-        ids, mask = (x.to(device) for x in left_pad(prompts, pad))
+        ids, mask = (x.to(device) for x in pad_tokens(prompts, pad, left=True))
         routing, state = network.mixture.prepare(ids, mask)
     rollouts = sample_rollouts(network, state, prompts, references, lengths, rl, stop_ids, pad)
     texts = [decode(t) for t in rollouts.tokens]

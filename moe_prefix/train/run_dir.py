@@ -101,19 +101,17 @@ def write_per_example_table(
             writer.writerow(line)
 
 
+def write_jsonl(path: Path, records) -> None:
+    """One JSON object per line, in the order given (rollouts.jsonl: the training rollouts as sampled)."""
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def write_samples(path: Path, rows: list[dict], n: int) -> None:
     """The first n validation inputs (in split order): id, prediction, references; one JSON per line."""
-    with open(path, "w") as f:
-        for row in sorted(rows, key=lambda r: r["index"])[:n]:
-            sample = {k: row[k] for k in ("id", "prediction", "references")}
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-
-
-def write_rollouts(path: Path, rollouts: list[dict]) -> None:
-    """Training rollouts, one JSON per line, in the order they were sampled."""
-    with open(path, "w") as f:
-        for rollout in rollouts:
-            f.write(json.dumps(rollout, ensure_ascii=False) + "\n")
+    ordered = sorted(rows, key=lambda r: r["index"])[:n]
+    write_jsonl(path, ({k: row[k] for k in ("id", "prediction", "references")} for row in ordered))
 
 
 # -- reading ----------------------------------------------------------------------------------------
