@@ -354,6 +354,27 @@ def test_equal_rewards_give_no_policy_gradient(built_rl, monkeypatch):
         assert g is None or torch.equal(g, torch.zeros_like(g))
 
 
+def test_sft_anchor_adds_the_references_cross_entropy(tiny_lm_dir, pasta, tmp_path, monkeypatch):
+    """rl.sft_weight w: the step's loss is the clipped objective plus w times SFT's loss on the same batch, so
+    with equal rewards (no policy gradient) what trains is exactly w times SFT."""
+    cfg = load_config(None, rl_overrides(tiny_lm_dir, pasta, tmp_path, **{"rl.sft_weight": 0.5}))
+    built = generation.build(cfg)
+    module = generation.make_module(built, cfg)
+    built.network.eval()  # no router noise: the anchor's forward and the reference one below route alike
+    monkeypatch.setattr(rft, "rollout_rewards", lambda texts, *_: (torch.full((len(texts),), -0.5), [0.5] * len(texts)))
+    params = [p for p in built.network.parameters() if p.requires_grad]
+    batch = built.data.collate(built.data.train_set[:4])
+    torch.manual_seed(0)
+    loss, _ = module.rl_step(batch)
+    losses, scored, _ = module.forward_pairs(batch)
+    sft = losses[scored].mean()
+    assert loss.item() == pytest.approx(0.5 * sft.item(), rel=1e-5)
+    for got, want in zip(
+        torch.autograd.grad(loss.sum(), params), torch.autograd.grad(0.5 * sft, params), strict=True
+    ):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_rl_step_logs_and_rows(built_rl):
     cfg, built, module = built_rl
     step, batch = _step(cfg, built, module, step=0, total=10)

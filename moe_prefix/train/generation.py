@@ -253,7 +253,13 @@ class GenerationModule(PrefixTrainingModule):
         self.log_dict(step.logs, batch_size=len(records))
         if self.rollouts.maxlen:
             self.rollouts.append([{"step": self.global_step} | row for row in step.rows])
-        return step.loss[None], TaskOutput(step.logits, step.routing)
+        loss = step.loss
+        if self.cfg.rl.sft_weight:  # the anchor: SFT's loss on the batch's references keeps the policy near them
+            losses, scored, _ = self.forward_pairs(batch)
+            sft_loss = losses[scored].mean()
+            self.log("train/sft_loss", sft_loss, batch_size=len(records))
+            loss = loss + self.cfg.rl.sft_weight * sft_loss
+        return loss[None], TaskOutput(step.logits, step.routing)
 
     # -- decoding -----------------------------------------------------------------------------------
     def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

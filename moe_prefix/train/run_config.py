@@ -134,6 +134,7 @@ class RLConfig:
     demo_max_fraction: float = 0.95  # prefix_rft: the prefix-length bound starts at this share of the reference
     demo_min_fraction: float = 0.05  # ... and decays to this one by a cosine over training; lengths ~ U(min, bound)
     entropy_top_fraction: float = 0.2  # prefix_rft: only the highest-entropy share of demonstration tokens trains
+    sft_weight: float = 0.0  # likelihood anchor: + sft_weight * the batch references' cross-entropy (SFT's loss)
     rollouts_saved: int = 4  # rollouts.jsonl keeps every rollout of this many last training steps
 
     def __post_init__(self) -> None:
@@ -148,6 +149,7 @@ class RLConfig:
             ("demo_max_fraction", 0 < self.demo_max_fraction <= 1, "must lie in (0, 1]"),
             ("demo_min_fraction", 0 <= self.demo_min_fraction <= hi, f"must lie in [0, rl.demo_max_fraction={hi}]"),
             ("entropy_top_fraction", 0 < self.entropy_top_fraction <= 1, "must lie in (0, 1]"),
+            ("sft_weight", self.sft_weight >= 0, "must be >= 0"),
             ("rollouts_saved", self.rollouts_saved >= 0, "must be >= 0"),
         )
         for key, ok, rule in checks:
