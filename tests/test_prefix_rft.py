@@ -369,9 +369,7 @@ def test_sft_anchor_adds_the_references_cross_entropy(tiny_lm_dir, pasta, tmp_pa
     losses, scored, _ = module.forward_pairs(batch)
     sft = losses[scored].mean()
     assert loss.item() == pytest.approx(0.5 * sft.item(), rel=1e-5)
-    for got, want in zip(
-        torch.autograd.grad(loss.sum(), params), torch.autograd.grad(0.5 * sft, params), strict=True
-    ):
+    for got, want in zip(torch.autograd.grad(loss.sum(), params), torch.autograd.grad(0.5 * sft, params), strict=True):
         assert torch.allclose(got, want, atol=1e-6)
 
 

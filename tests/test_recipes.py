@@ -196,3 +196,25 @@ def test_router_features_command_compares_each_input_with_the_groups(tiny_backbo
     )
     with pytest.raises(ConfigError, match="set data.group_column"):
         group_separation(no_groups)
+    rows = group_separation(cfg, seeds=1, transforms=("layernorm", "whiten"))
+    pairs = [(r["router_input"], r["features"]) for r in rows]
+    assert pairs[:3] == [("embeddings", "layernorm"), ("embeddings", "whiten"), ("hidden1", "layernorm")]
+    with pytest.raises(ConfigError, match="unknown feature transform 'pca'"):
+        group_separation(cfg, transforms=("pca",))
+
+
+def test_whitening_matches_numpys_principal_components():
+    """whiten(x, k): the projections on the covariance's top-k eigenvectors (numpy's eigh), at unit variance."""
+    from moe_prefix.tools.router_features import spherical, whiten
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6)) + 3.0
+    got = whiten(torch.tensor(x), 3).numpy()
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    top = vectors[:, ::-1][:, :3]
+    want = (x - x.mean(0)) @ top / np.sqrt(values[::-1][:3])
+    np.testing.assert_allclose(np.abs(got), np.abs(want), atol=1e-8)  # an eigenvector's sign is arbitrary
+    np.testing.assert_allclose(np.cov(got, rowvar=False), np.eye(3), atol=1e-8)
+    unit = spherical(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0)
+    np.testing.assert_allclose(unit * np.linalg.norm(x - x.mean(0), axis=1, keepdims=True), x - x.mean(0))

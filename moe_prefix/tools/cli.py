@@ -102,11 +102,11 @@ def analyze_command(run_dir: str, max_examples: int | None) -> int:
     return 0
 
 
-def router_features_command(config: str | None, overrides: list[str], seeds: int) -> int:
+def router_features_command(config: str | None, overrides: list[str], seeds: int, transforms: list[str]) -> int:
     from moe_prefix.tools.router_features import group_separation, markdown_table
 
     cfg = load_config(config, overrides)
-    print(markdown_table(group_separation(cfg, seeds=seeds), cfg, seeds))
+    print(markdown_table(group_separation(cfg, seeds=seeds, transforms=tuple(transforms)), cfg, seeds))
     return 0
 
 
@@ -238,8 +238,14 @@ def _analyze_parser(p: argparse.ArgumentParser) -> None:
 def _router_features_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config of a prefix run whose data has groups (data.group_column)")
     p.add_argument("--seeds", type=int, default=3, help="k-means seeds per router input (default 3)")
+    p.add_argument(
+        "--transforms",
+        type=lambda text: text.split(","),
+        default=["layernorm"],
+        help="feature normalisations to compare, comma-separated: layernorm (the router's, default), spherical, whiten",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides such as data.source=multisource4_shared")
-    p.set_defaults(run=lambda a: run_cli(router_features_command, a.config, a.overrides, a.seeds))
+    p.set_defaults(run=lambda a: run_cli(router_features_command, a.config, a.overrides, a.seeds, a.transforms))
 
 
 def _ablate_parser(p: argparse.ArgumentParser) -> None:

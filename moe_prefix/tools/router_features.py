@@ -6,9 +6,16 @@ mean hidden state after some layers of the frozen backbone (`prefix.router_input
 `prefix.router_layer`). This measures, for each choice, the NMI between the groups and the clusters that
 the k-means start would use: the same sample of training inputs, normalisation, number of clusters
 (`prefix.num_experts`) and k-means as `fit`, over several k-means seeds.
+
+`transforms` asks whether another normalisation of the same features would let k-means find the groups:
+"layernorm" is what the router (and so `fit`) uses; "spherical" centres the features over the sample and
+scales each to unit length (k-means on cosine similarity); "whiten" keeps the top 2E principal directions
+of the sample, each scaled to unit variance (PCA whitening). Both start from the router's LayerNorm output.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -19,9 +26,39 @@ from moe_prefix.train.engine import KMEANS_SAMPLE, TASKS
 from moe_prefix.train.run_config import ConfigError, RunConfig
 
 
-def group_separation(cfg: RunConfig, seeds: int = 3, sample: int = KMEANS_SAMPLE) -> list[dict]:
-    """One row per router input (embeddings, hidden1 .. hiddenL): its NMI with the groups, mean/min/max over
-    `seeds` k-means seeds (cfg.seed, cfg.seed + 1, ...)."""
+def spherical(x: torch.Tensor) -> torch.Tensor:
+    """Features (n m) centred over the sample, each scaled to unit length."""
+    centred = x.double() - x.double().mean(0)
+    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def whiten(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Features (n m) -> coordinates (n k) on the sample's top-k principal directions, each of unit variance."""
+    centred = x.double() - x.double().mean(0)
+    _, singular, directions = torch.linalg.svd(centred, full_matrices=False)
+    std = singular[:k] / math.sqrt(max(x.shape[0] - 1, 1))
+    return centred @ directions[:k].T / std.clamp_min(1e-12)
+
+
+TRANSFORMS = ("layernorm", "spherical", "whiten")
+
+
+def _transform(name: str, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+    if name == "spherical":
+        return spherical(x)
+    if name == "whiten":
+        return whiten(x, 2 * num_experts)
+    return x  # layernorm: the router's own features
+
+
+def group_separation(
+    cfg: RunConfig, seeds: int = 3, sample: int = KMEANS_SAMPLE, transforms: tuple[str, ...] = ("layernorm",)
+) -> list[dict]:
+    """One row per router input (embeddings, hidden1 .. hiddenL) and transform: its NMI with the groups,
+    mean/min/max over `seeds` k-means seeds (cfg.seed, cfg.seed + 1, ...)."""
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise ConfigError(f"unknown feature transform {unknown[0]!r}: choose from {', '.join(TRANSFORMS)}")
     if cfg.model.method != "prefix":
         raise ConfigError(f"router features need model.method=prefix, got {cfg.model.method!r}")
     if cfg.prefix.router_input == "group":
@@ -36,15 +73,23 @@ def group_separation(cfg: RunConfig, seeds: int = 3, sample: int = KMEANS_SAMPLE
     groups = torch.cat([b["group_ids"] for b in batches]).numpy()
     parts = [mixture.candidate_router_features(b["input_ids"], b.get("attention_mask")) for b in batches]
     rows = []
+    e = cfg.prefix.num_experts
     for name in parts[0]:
-        features = mixture.router.norm(torch.cat([p[name] for p in parts]))  # what the router's k-means sees
-        scores = [
-            normalized_mutual_info(groups, kmeans(features, cfg.prefix.num_experts, seed=cfg.seed + s)[1].numpy())
-            for s in range(seeds)
-        ]
-        rows.append(
-            {"router_input": name, "nmi_mean": float(np.mean(scores)), "nmi_min": min(scores), "nmi_max": max(scores)}
-        )
+        normed = mixture.router.norm(torch.cat([p[name] for p in parts]))  # what the router's k-means sees
+        for transform in transforms:
+            features = _transform(transform, normed, e)
+            scores = [
+                normalized_mutual_info(groups, kmeans(features, e, seed=cfg.seed + s)[1].numpy()) for s in range(seeds)
+            ]
+            rows.append(
+                {
+                    "router_input": name,
+                    "features": transform,
+                    "nmi_mean": float(np.mean(scores)),
+                    "nmi_min": min(scores),
+                    "nmi_max": max(scores),
+                }
+            )
     return rows
 
 
@@ -52,7 +97,7 @@ def markdown_table(rows: list[dict], cfg: RunConfig, seeds: int) -> str:
     header = (
         f"NMI between the groups ({cfg.data.group_column}) and k-means clusters (k = {cfg.prefix.num_experts}) "
         f"of the router features of a training sample, over {seeds} k-means seeds.\n\n"
-        "| router input | config | NMI mean | min | max |\n|---|---|---|---|---|\n"
+        "| router input | config | features | NMI mean | min | max |\n|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -62,5 +107,7 @@ def markdown_table(rows: list[dict], cfg: RunConfig, seeds: int) -> str:
             if name == "embeddings"
             else f"prefix.router_input=hidden prefix.router_layer={name.removeprefix('hidden')}"
         )
-        lines.append(f"| {name} | `{option}` | {r['nmi_mean']:.3f} | {r['nmi_min']:.3f} | {r['nmi_max']:.3f} |")
+        lines.append(
+            f"| {name} | `{option}` | {r['features']} | {r['nmi_mean']:.3f} | {r['nmi_min']:.3f} | {r['nmi_max']:.3f} |"
+        )
     return header + "\n".join(lines) + "\n"

@@ -29,7 +29,9 @@ cosine over the S training steps,
 so early texts lean on the demonstration (close to SFT) and late ones are nearly the policy's own (RFT).
 
 The reward of a text is -SER (its slot error rate against the input's meaning representation, a fraction;
-`e2e_slots`) plus rl.bleu_weight times its sentence BLEU / 100 against the input's references.
+`e2e_slots`) plus rl.bleu_weight times its sentence BLEU / 100 against the input's references. With
+rl.sft_weight w > 0 the training module adds w times SFT's loss on the batch's references (a likelihood
+anchor, as InstructGPT's PPO-ptx mixes in the pretraining loss; `GenerationModule.rl_step`).
 
 Randomness (demonstration lengths, router noise, sampling) comes from torch's global generator, which the
 training module seeds from the step: a resumed run draws the rollouts an uninterrupted one would have drawn.
