@@ -245,3 +245,11 @@ def test_bench_is_offline_unless_asked(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     _offline_unless_asked()
     assert not constants.is_offline_mode()
+
+
+def test_router_features_transforms_are_one_comma_separated_option(capsys):
+    """--transforms takes one comma-separated value, so overrides after it stay overrides; a bad name is a
+    one-line error naming the choices (checked before any model loads)."""
+    code = main(["router-features", "--transforms", "layernorm,pca", "threads=1"])
+    captured = capsys.readouterr()
+    assert_clean_failure(code, captured.out + captured.err, "unknown feature transform 'pca'")
