@@ -40,15 +40,12 @@ def whiten(x: torch.Tensor, k: int) -> torch.Tensor:
     return centred @ directions[:k].T / std.clamp_min(1e-12)
 
 
-TRANSFORMS = ("layernorm", "spherical", "whiten")
-
-
-def _transform(name: str, x: torch.Tensor, num_experts: int) -> torch.Tensor:
-    if name == "spherical":
-        return spherical(x)
-    if name == "whiten":
-        return whiten(x, 2 * num_experts)
-    return x  # layernorm: the router's own features
+# name -> (features (n m), number of experts) -> what k-means clusters; "layernorm": the router's own features
+TRANSFORMS = {
+    "layernorm": lambda x, num_experts: x,
+    "spherical": lambda x, num_experts: spherical(x),
+    "whiten": lambda x, num_experts: whiten(x, 2 * num_experts),
+}
 
 
 def group_separation(
@@ -77,7 +74,7 @@ def group_separation(
     for name in parts[0]:
         normed = mixture.router.norm(torch.cat([p[name] for p in parts]))  # what the router's k-means sees
         for transform in transforms:
-            features = _transform(transform, normed, e)
+            features = TRANSFORMS[transform](normed, e)
             scores = [
                 normalized_mutual_info(groups, kmeans(features, e, seed=cfg.seed + s)[1].numpy()) for s in range(seeds)
             ]
