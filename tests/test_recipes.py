@@ -189,6 +189,7 @@ def test_router_features_command_compares_each_input_with_the_groups(tiny_backbo
     rows = group_separation(cfg, seeds=2)
     assert [r["router_input"] for r in rows] == ["embeddings", "hidden1", "hidden2"]
     assert all(0 <= r["nmi_min"] <= r["nmi_mean"] <= r["nmi_max"] <= 1 for r in rows)
+    assert all(0 <= r["linear_nmi"] <= 1 and 0 <= r["linear_accuracy"] <= 1 for r in rows)
     assert "`prefix.router_input=hidden prefix.router_layer=2`" in markdown_table(rows, cfg, 2)
     assert not (tmp_path / "run").exists()  # a diagnostic: no run directory
     no_groups = load_config(

@@ -4,6 +4,7 @@ from scipy import stats as sps
 
 from moe_prefix.analysis.routing_stats import (
     expert_load,
+    linear_separability,
     nmi_permutation_test,
     normalized_mutual_info,
     routing_entropy,
@@ -96,3 +97,31 @@ def test_nmi_permutation_uniform_under_null():
     low, high = int(sps.binom.ppf(0.001, 200, 0.05)), int(sps.binom.isf(0.001, 200, 0.05))
     assert low <= np.count_nonzero(pvalues <= 0.05) <= high
     assert sps.kstest(pvalues, "uniform").pvalue > 0.01
+
+
+def test_linear_separability_reaches_the_bayes_accuracy_of_two_gaussians():
+    """Two classes N(±e1, I) in 3-D: the best rule of any kind is the sign of x1, right with probability Φ(1);
+    its NMI with the class is 1 - H2(1 - Φ(1)) (balanced classes, symmetric errors)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 9000)
+    x = rng.normal(size=(9000, 3))
+    x[:, 0] += 2 * y - 1
+    got = linear_separability(x, np.where(y == 1, "pos", "neg"), seed=1)
+    bayes = sps.norm.cdf(1.0)
+    assert got.accuracy == pytest.approx(bayes, abs=0.025)  # 3000 held out: standard error 0.007
+    error = 1 - bayes
+    assert got.nmi == pytest.approx(1 + error * np.log2(error) + bayes * np.log2(bayes), abs=0.04)
+
+
+def test_linear_separability_of_separated_and_of_unrelated_groups():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 10
+    groups = rng.integers(0, 4, 1200)
+    x = centres[groups] + rng.normal(size=(1200, 16))
+    assert linear_separability(x, groups) == pytest.approx((1.0, 1.0))
+    unrelated = linear_separability(rng.normal(size=(1200, 16)), groups)
+    assert unrelated.accuracy < 0.35 and unrelated.nmi < 0.02  # chance is 0.25
+    with pytest.raises(ValueError, match="one row per group label"):
+        linear_separability(x[:-1], groups)
+    with pytest.raises(ValueError, match="holdout is the held-out share"):
+        linear_separability(x, groups, holdout=1.0)

@@ -5,6 +5,9 @@ ids, (n,) for the top-1 expert or (n, k) for top-k, plus any per-example groupin
 
 - load and entropy: how evenly the experts are used, and how confident each routing decision is;
 - normalised mutual information and its permutation test: do experts track domains?
+- linear separability: how well could any router of the form the mixture uses (an arg-max over a linear
+  function of its features) route by group, if it were told the groups? A supervised reference for the NMI
+  a label-free router can be asked to reach.
 
 Collapse detection lives with the router (``moe_prefix.router.detect_collapse``), since training uses it too.
 
@@ -21,14 +24,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+
 from .stats import Seed, as_numpy, chunks
 
 __all__ = [
     "RoutingEntropy",
+    "Separability",
     "expert_load",
     "routing_entropy",
     "normalized_mutual_info",
     "nmi_permutation_test",
+    "linear_separability",
 ]
 
 
@@ -150,6 +158,64 @@ def normalized_mutual_info(labels_a: Any, labels_b: Any) -> float:
         return 0.0
     h = (_entropy(rows / n) + _entropy(cols / n)) / 2
     return float(mi / h)
+
+
+class Separability(NamedTuple):
+    """Held-out figures of a linear classifier of the groups: accuracy and NMI(group, predicted group)."""
+
+    accuracy: float
+    nmi: float
+
+
+def _softmax_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
+    """Multinomial logistic regression by L-BFGS: x (n m), y (n) -> weights (m+1 c), the last row a bias.
+
+    The loss is the mean cross-entropy plus l2 * |W|^2 (bias excluded): without it, separable groups would
+    send the weights to infinity."""
+    n, m = x.shape
+    xb = np.hstack([x, np.ones((n, 1))])
+    onehot = np.eye(num_classes)[y]
+
+    def loss_and_grad(flat):
+        w = flat.reshape(m + 1, num_classes)
+        logp = log_softmax(xb @ w, axis=1)
+        loss = -(onehot * logp).sum() / n + l2 * (w[:-1] ** 2).sum()
+        grad = xb.T @ (np.exp(logp) - onehot) / n
+        grad[:-1] += 2 * l2 * w[:-1]
+        return loss, grad.ravel()
+
+    fitted = minimize(loss_and_grad, np.zeros((m + 1) * num_classes), jac=True, method="L-BFGS-B")
+    return fitted.x.reshape(m + 1, num_classes)
+
+
+def linear_separability(
+    features: Any, groups: Any, holdout: float = 1 / 3, seed: Seed = 0, l2: float = 1e-4
+) -> Separability:
+    """How well a linear router on these features could route by group, judged on inputs it was not fitted on.
+
+    ``features`` (n m), ``groups`` (n,) of any label type. A multinomial logistic regression is fitted on a
+    seeded random (1 - holdout) of the rows with the groups as labels; its arg-max on the rest is compared
+    with their groups. The mixture's router is an arg-max over a linear function of its (LayerNorm-ed)
+    features, so this is what a router of that form reaches when it is told the groups: a supervised
+    reference for the NMI that a router trained without them can be asked for. Features are standardised
+    first (the fit, not the decision rule, depends on their scale).
+    """
+    x = as_numpy(features, np.float64)
+    names, y = _codes(groups)
+    if x.ndim != 2 or x.shape[0] != y.size:
+        raise ValueError(f"features must be (n m) with one row per group label, got {x.shape} and {y.size} labels")
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout is the held-out share of the rows, in (0, 1), got {holdout}")
+    order = np.random.default_rng(seed).permutation(y.size)
+    cut = int(round(y.size * (1 - holdout)))
+    fit, held = order[:cut], order[cut:]
+    if held.size == 0 or fit.size == 0:
+        raise ValueError(f"{y.size} rows leave nothing to fit or to hold out at holdout={holdout}")
+    mean, std = x[fit].mean(0), x[fit].std(0)
+    z = (x - mean) / np.where(std > 0, std, 1.0)
+    w = _softmax_regression(z[fit], y[fit], names.size, l2)
+    predicted = (np.hstack([z[held], np.ones((held.size, 1))]) @ w).argmax(1)
+    return Separability(float((predicted == y[held]).mean()), normalized_mutual_info(y[held], predicted))
 
 
 def nmi_permutation_test(
