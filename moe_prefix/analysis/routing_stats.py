@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
