@@ -38,6 +38,8 @@ class PrefixConfig:
     # clusters over the router features of training inputs, before the first step (it keeps learning)
     balanced_routing: bool = False  # training only: choose each batch's top-k by a Sinkhorn-balanced assignment,
     # so every expert gets b*k/E slots of every batch and none starves (BASE layers, Lewis et al. 2021)
+    balance_free_choices: bool = False  # with balanced_routing: the Switch loss counts the router's own top-k
+    # (what evaluation routes by) rather than the balanced assignment's, whose uniform counts leave it no gradient
     router_input: str = "embeddings"  # embeddings: masked mean of frozen input embeddings (free)
     # hidden: masked mean of a frozen pre-pass up to router_layer; group: oracle group id (ablations)
     router_layer: int = 2  # number of backbone layers the hidden pre-pass runs (router_input="hidden")
@@ -100,6 +102,12 @@ class PrefixConfig:
             raise ValueError("prefix.init=tokens sets bank tensors directly; it cannot be combined with reparam=true")
         if self.router_init == "kmeans" and self.router_input == "group":
             raise ValueError("prefix.router_init=kmeans clusters input features; with router_input=group use random")
+        if self.balance_free_choices and not self.balanced_routing:
+            raise ValueError(
+                "prefix.balance_free_choices=true changes the load-balance loss under balanced routing only: "
+                "set prefix.balanced_routing=true too, or drop it (without balanced routing the loss already "
+                "counts the router's own choices)"
+            )
         if self.prefix_mode == "decoupled" and self.length != "fixed":
             raise ValueError("prefix.prefix_mode=decoupled supports only prefix.length=fixed")
         self.train_modules = tuple(self.train_modules)

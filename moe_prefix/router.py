@@ -238,7 +238,13 @@ class Router(nn.Module):
                 log_p = torch.log_softmax(noisy / cfg.temperature, dim=-1).gather(-1, indices)
                 log_w = log_p - log_p.detach()
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
-        balance = load_balance_loss(probs, indices, cfg.num_experts, sync=self.training)
+        counted = indices
+        if self.training and cfg.balanced_routing and cfg.balance_free_choices and cfg.k < cfg.num_experts:
+            # The balanced assignment gives every expert b*k/E slots, so E * sum_e f_e * P_e = sum_e P_e = 1
+            # whatever the router does: the loss would not push the router's own choices, which evaluation
+            # uses, to spread. Count those instead (clean logits, as evaluation routes).
+            counted = logits.topk(cfg.k, dim=-1).indices
+        balance = load_balance_loss(probs, counted, cfg.num_experts, sync=self.training)
         z = router_z_loss(logits)
         aux = cfg.balance_coef * balance + cfg.z_coef * z
         return RouterOutput(logits, weights, indices, log_w.exp(), log_w, balance, z, aux)

@@ -219,3 +219,32 @@ def test_whitening_matches_numpys_principal_components():
     unit = spherical(torch.tensor(x)).numpy()
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0)
     np.testing.assert_allclose(unit * np.linalg.norm(x - x.mean(0), axis=1, keepdims=True), x - x.mean(0))
+
+
+def test_balance_loss_is_inert_under_balanced_routing_unless_it_counts_the_routers_own_choices():
+    """Balanced routing gives every expert the same share of slots, so the Switch loss E * sum f_e P_e
+    equals sum P_e = 1 and has no gradient; balance_free_choices counts the router's own top-k instead,
+    which is the loss plain top-k routing would compute on the same logits."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+
+    def balance(**options):
+        cfg = PrefixConfig(num_experts=4, top_k=1, router_noise=0.0, **options)
+        router = Router(8, cfg, normalize=False)
+        with torch.no_grad():
+            router.proj.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)))
+            router.proj.weight[0] += 2.0  # a router that prefers expert 0
+        router.train()
+        out = router(x)
+        out.balance_loss.backward()
+        return out.balance_loss.detach(), router.proj.weight.grad
+
+    inert, inert_grad = balance(balanced_routing=True)
+    assert inert.item() == pytest.approx(1.0, abs=1e-6) and inert_grad.abs().max() < 1e-6
+    free, free_grad = balance(balanced_routing=True, balance_free_choices=True)
+    plain, plain_grad = balance()
+    assert free.item() > 1.2 and free_grad.abs().max() > 1e-3
+    torch.testing.assert_close(free, plain)
+    torch.testing.assert_close(free_grad, plain_grad)
+    with pytest.raises(ValueError, match="set prefix.balanced_routing=true too"):
+        PrefixConfig(balance_free_choices=True)
