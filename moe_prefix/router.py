@@ -240,9 +240,9 @@ class Router(nn.Module):
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
         counted = indices
         if self.training and cfg.balanced_routing and cfg.balance_free_choices and cfg.k < cfg.num_experts:
-            # The balanced assignment gives every expert b*k/E slots, so E * sum_e f_e * P_e = sum_e P_e = 1
-            # whatever the router does: the loss would not push the router's own choices, which evaluation
-            # uses, to spread. Count those instead (clean logits, as evaluation routes).
+            # The balanced assignment gives every expert about b*k/E slots, so E * sum_e f_e * P_e is about
+            # sum_e P_e = 1 whatever the router does: the loss would not push the router's own choices, which
+            # evaluation uses, to spread. Count those instead (clean logits, as evaluation routes).
             counted = logits.topk(cfg.k, dim=-1).indices
         balance = load_balance_loss(probs, counted, cfg.num_experts, sync=self.training)
         z = router_z_loss(logits)
