@@ -216,6 +216,7 @@ class Router(nn.Module):
         cfg = self.cfg
         logits = self.proj(self.norm(features.to(self.proj.weight.dtype))).float()
         probs = torch.softmax(logits / cfg.temperature, dim=-1)
+        counted = None  # the choices the balance loss counts, where they are not the dispatched `indices`
         if cfg.k == cfg.num_experts:
             # Dense routing: every bank, in bank order, so concat places banks at fixed positions.
             indices = torch.arange(cfg.num_experts, device=logits.device).expand(logits.shape[0], -1)
@@ -228,6 +229,11 @@ class Router(nn.Module):
             if self.training and cfg.balanced_routing:
                 indices = balanced_topk(noisy, cfg.k)
                 top = noisy.gather(-1, indices)
+                if cfg.balance_free_choices:
+                    # The assignment gives every expert about b*k/E slots, so E * sum_e f_e * P_e counted on
+                    # them is about sum_e P_e = 1 whatever the router does: the loss would not push the router's
+                    # own choices, which evaluation uses, to spread. Count those (clean logits, as evaluation).
+                    counted = logits.topk(cfg.k, dim=-1).indices
             else:
                 top, indices = noisy.topk(cfg.k, dim=-1)
             log_w = torch.log_softmax(top / cfg.temperature, dim=-1)
@@ -238,13 +244,7 @@ class Router(nn.Module):
                 log_p = torch.log_softmax(noisy / cfg.temperature, dim=-1).gather(-1, indices)
                 log_w = log_p - log_p.detach()
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
-        counted = indices
-        if self.training and cfg.balanced_routing and cfg.balance_free_choices and cfg.k < cfg.num_experts:
-            # The balanced assignment gives every expert about b*k/E slots, so E * sum_e f_e * P_e is about
-            # sum_e P_e = 1 whatever the router does: the loss would not push the router's own choices, which
-            # evaluation uses, to spread. Count those instead (clean logits, as evaluation routes).
-            counted = logits.topk(cfg.k, dim=-1).indices
-        balance = load_balance_loss(probs, counted, cfg.num_experts, sync=self.training)
+        balance = load_balance_loss(probs, indices if counted is None else counted, cfg.num_experts, sync=self.training)
         z = router_z_loss(logits)
         aux = cfg.balance_coef * balance + cfg.z_coef * z
         return RouterOutput(logits, weights, indices, log_w.exp(), log_w, balance, z, aux)
