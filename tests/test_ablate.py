@@ -296,3 +296,10 @@ def test_further_metrics_get_a_table_each(tmp_path):
     assert ("val/ser", "no_bleu") in rows and ("val/bleu", "no_bleu") not in rows
     with open(tmp_path / "runs.csv", newline="") as f:
         assert [r["val/bleu"] for r in csv.DictReader(f)] == ["40.0", "38.0", "nan"] * 2
+
+
+@pytest.mark.parametrize("sweep_file", sorted((ROOT / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_file_loads(sweep_file):
+    """load_sweep builds every arm's config, so a sweep that a change of its base config broke (router_input.yaml
+    once asked for oracle routing under the k-means initialisation configs/moe4.yaml adopted) fails here."""
+    assert load_sweep(sweep_file).arms
