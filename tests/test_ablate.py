@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_run_overrides
-from scipy.stats import binomtest
+from scipy.stats import binomtest, permutation_test
 
 from moe_prefix.analysis.stats import holm
 from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
@@ -231,6 +232,41 @@ def test_curve_plots_the_metric_against_a_config_value_per_series(tmp_path):
         {("False", 100): 0.605, ("False", 400): 0.705, ("True", 100): 0.655, ("True", 400): 0.755}
     )
     assert (tmp_path / "curve.png").is_file()
+
+
+def test_curve_contrasts_test_each_series_against_the_first_at_every_x(tmp_path):
+    """At each training size, reparam=True against reparam=False on matched seeds: the difference, the exact
+    sign-flip p (scipy's permutation test as the reference) and Holm across the sizes."""
+    arms = {
+        f"n{n}_{r}": [f"data.max_train_examples={n}", f"prefix.reparam={r}"]
+        for n in (100, 400)
+        for r in ("true", "false")
+    }
+    seeds = [0, 1, 2, 3, 4]
+    sweep = Sweep(None, arms, seeds=seeds, curve={"x": "data.max_train_examples", "series": "prefix.reparam"})
+    gain = {100: [0.05, 0.04, 0.06, 0.05, 0.03], 400: [0.01, -0.02, 0.0, 0.02, -0.01]}  # per seed
+    for run in plan(sweep, tmp_path):
+        n = int(run.arm.split("_")[0][1:])
+        acc = 0.6 + 0.01 * run.seed + (gain[n][run.seed] if run.arm.endswith("true") else 0.0)
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/acc": acc, "trainable_params": 1}))
+    summarise(sweep, tmp_path)
+    with open(tmp_path / "curve_contrasts.csv", newline="") as f:
+        rows = {int(r["x"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {100, 400} and {r["series"] for r in rows.values()} == {"True"}
+    assert {r["versus"] for r in rows.values()} == {"False"}
+    reference = {
+        n: permutation_test(
+            (np.array(g),), np.mean, permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
+        ).pvalue
+        for n, g in gain.items()
+    }
+    for n, g in gain.items():
+        assert float(rows[n]["diff"]) == pytest.approx(np.mean(g))
+        assert float(rows[n]["p"]) == pytest.approx(reference[n])
+    assert [float(rows[n]["p_holm"]) for n in (100, 400)] == pytest.approx(holm([reference[100], reference[400]]))
+    assert float(rows[100]["p"]) == pytest.approx(2 / 32)  # every seed gains: the smallest p 5 seeds allow
+    assert "| 100 | True vs False | 5 |" in (tmp_path / "curve_contrasts.md").read_text()
 
 
 def test_sweep_file_curve_is_checked(tmp_path):

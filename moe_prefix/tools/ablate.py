@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -316,7 +316,8 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
     _write_summary(sweep, out_dir, tables)
     _plot(sweep, out_dir, tables[sweep.metric], rows)
     if sweep.curve:
-        _curve(sweep, out_dir, tables[sweep.metric])
+        points = _curve(sweep, out_dir, tables[sweep.metric])
+        _curve_contrasts(sweep, out_dir, points, rows, run_dirs)
     return out_dir / "summary.md"
 
 
@@ -451,9 +452,10 @@ def _config_value(cfg, key: str):
     return value
 
 
-def _curve(sweep: Sweep, out_dir: Path, summary: list[dict]) -> None:
+def _curve(sweep: Sweep, out_dir: Path, summary: list[dict]) -> list[dict]:
     """curve.csv and curve.png: each arm's mean and interval against the config value `curve.x`, one line per
-    value of `curve.series` (e.g. accuracy against training-set size, with and without reparameterisation)."""
+    value of `curve.series` (e.g. accuracy against training-set size, with and without reparameterisation).
+    Returns the points (series, x, arm, ...), ordered by series and x."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -486,3 +488,56 @@ def _curve(sweep: Sweep, out_dir: Path, summary: list[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "curve.png", dpi=120)
+    return points
+
+
+def _curve_contrasts(
+    sweep: Sweep, out_dir: Path, points: list[dict], rows: list[dict], run_dirs: dict[tuple[str, int], Path]
+) -> None:
+    """curve_contrasts.csv/.md: at each x, every further series against the first (in sorted order: reparam
+    True against False) on matched seeds, with the summary's paired tests; Holm-corrected across all the
+    contrasts, since the question a curve asks (does one series win, and where) is asked at every x."""
+    series = list(dict.fromkeys(p["series"] for p in points))
+    arm_at = {(p["series"], p["x"]): p["arm"] for p in points}
+    contrasts = []
+    for name in series[1:]:
+        for p in (p for p in points if p["series"] == name and (series[0], p["x"]) in arm_at):
+            base = arm_at[series[0], p["x"]]
+            pair = replace(sweep, arms={base: [], p["arm"]: []}, reference=base)
+            entry = _compare_arms(pair, [r for r in rows if r["arm"] in (base, p["arm"])], run_dirs)[-1]
+            if entry["arm"] == p["arm"] and not np.isnan(entry["p"]):
+                base_mean = next(q["mean"] for q in points if q["arm"] == base)
+                contrasts.append({"x": p["x"], "series": name, "versus": series[0], "base_mean": base_mean, **entry})
+    if not contrasts:
+        return
+    for key, holm_key in (("p", "p_holm"), ("p_example", "p_example_holm")):
+        tested = [c for c in contrasts if not np.isnan(c[key])]
+        for c, q in zip(tested, holm([c[key] for c in tested]) if tested else [], strict=True):
+            c[holm_key] = float(q)
+    keys = ["x", "series", "versus", "n", "base_mean", "mean", "diff", "p", "p_holm", "d", "pairs"]
+    keys += ["only_arm", "only_ref", "p_example", "p_example_holm"]
+    with open(out_dir / "curve_contrasts.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(contrasts)
+    x_key, series_key = sweep.curve["x"], sweep.curve.get("series")
+    lines = [
+        f"| {x_key} | {series_key} | seeds | {sweep.metric} (versus) | {sweep.metric} | Δ | p (paired perm.) "
+        "| p (Holm) | Cohen's d (paired) | example pairs | only it / only versus right | p (McNemar) "
+        "| p (McNemar, Holm) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in contrasts:
+        discordant = f"{c['only_arm']} / {c['only_ref']}" if c["pairs"] else "–"
+        lines.append(
+            f"| {c['x']} | {c['series']} vs {c['versus']} | {c['n']} | {_fmt(c['base_mean'])} | {_fmt(c['mean'])} "
+            f"| {_fmt(c['diff'], '+.4f')} | {_fmt(c['p'], '.3f')} | {_fmt(c['p_holm'], '.3f')} "
+            f"| {_fmt(c['d'], '.2f')} | {c['pairs'] or '–'} | {discordant} | {_fmt(c['p_example'], '.2g')} "
+            f"| {_fmt(c['p_example_holm'], '.2g')} |"
+        )
+    lines += [
+        "",
+        f"At each {x_key}, each {series_key} against {series[0]} on matched seeds: the summary's tests, "
+        "Holm-corrected across every row of this table.",
+    ]
+    (out_dir / "curve_contrasts.md").write_text("\n".join(lines) + "\n")
