@@ -481,6 +481,7 @@ def _curve(sweep: Sweep, out_dir: Path, summary: list[dict]) -> list[dict]:
         ax.fill_between(xs, [p["ci_low"] for p in line], [p["ci_high"] for p in line], color=f"C{i}", alpha=0.2)
     if all(isinstance(p["x"], int | float) and p["x"] > 0 for p in points):
         ax.set_xscale("log")
+        ax.minorticks_off()  # the log axis's minor labels (3x10^2, ...) would overprint the tick labels set below
         ax.set_xticks(sorted({p["x"] for p in points}), [str(x) for x in sorted({p["x"] for p in points})])
     ax.set_xlabel(x_key)
     ax.set_ylabel(f"{sweep.metric} (mean over seeds, 95 % bootstrap CI)")
