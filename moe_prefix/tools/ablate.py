@@ -333,7 +333,7 @@ def _compare_arms(
     example in routing.csv, which belongs with the sweep's main metric only."""
     by_arm = {arm: {row["seed"]: row for row in rows if row["arm"] == arm} for arm in sweep.arms}
     ref = by_arm.get(sweep.reference or "", {})
-    summary, pvalues, example_pvalues = [], [], []
+    summary = []
     for arm, seeds in by_arm.items():
         if not seeds:
             continue
@@ -363,21 +363,34 @@ def _compare_arms(
             entry["pairs"], test = example_level_test(pairs)
             if test is not None:
                 entry.update(only_arm=test.only_a, only_ref=test.only_b, p_example=test.pvalue)
-                example_pvalues.append((len(summary), test.pvalue))
         if arm != sweep.reference and len(matched) >= 2:
             a = np.array([seeds[s]["metric"] for s in matched])
             b = np.array([ref[s]["metric"] for s in matched])
             entry["diff"] = float((a - b).mean())
             entry["p"] = paired_permutation_test(a, b, seed=0)
             entry["d"] = cohens_d_paired(a, b) if np.std(a - b) > 0 else np.nan
-            pvalues.append((len(summary), entry["p"]))
         summary.append(entry)
-    for key, found in (("p_holm", pvalues), ("p_example_holm", example_pvalues)):
-        if found:
-            adjusted = holm([p for _, p in found])
-            for (i, _), q in zip(found, adjusted, strict=True):
-                summary[i][key] = float(q)
+    _holm_columns(summary)
     return summary
+
+
+def _holm_columns(entries: list[dict]) -> None:
+    """p_holm and p_example_holm: Holm's correction over the entries that have a p (resp. p_example); the
+    tests never return NaN, so NaN marks an entry that was not tested (the reference, or too few seeds)."""
+    for key, holm_key in (("p", "p_holm"), ("p_example", "p_example_holm")):
+        tested = [e for e in entries if not np.isnan(e[key])]
+        if tested:
+            for e, q in zip(tested, holm([e[key] for e in tested]), strict=True):
+                e[holm_key] = float(q)
+
+
+def _test_cells(e: dict) -> str:
+    """The table cells of one entry's paired tests against its reference, from Δ to p (McNemar, Holm)."""
+    discordant = f"{e['only_arm']} / {e['only_ref']}" if e["pairs"] else "–"
+    return (
+        f"{_fmt(e['diff'], '+.4f')} | {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} | {_fmt(e['d'], '.2f')} "
+        f"| {e['pairs'] or '–'} | {discordant} | {_fmt(e['p_example'], '.2g')} | {_fmt(e['p_example_holm'], '.2g')}"
+    )
 
 
 def _fmt(x, spec=".4f"):
@@ -403,13 +416,9 @@ def _write_summary(sweep: Sweep, out_dir: Path, tables: dict[str, list[dict]]) -
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in summary:
-            discordant = f"{e['only_arm']} / {e['only_ref']}" if e["pairs"] else "–"
             lines.append(
                 f"| {e['arm']} | {e['n']} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] "
-                f"| {_fmt(e['diff'], '+.4f')} | {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} "
-                f"| {_fmt(e['d'], '.2f')} | {e['pairs'] or '–'} | {discordant} | {_fmt(e['p_example'], '.2g')} "
-                f"| {_fmt(e['p_example_holm'], '.2g')} | {e['trainable_params']:,} "
-                f"| {_fmt(e['train_time_s'], '.0f')} |"
+                f"| {_test_cells(e)} | {e['trainable_params']:,} | {_fmt(e['train_time_s'], '.0f')} |"
             )
         lines.append("")
     lines += [
@@ -511,10 +520,7 @@ def _curve_contrasts(
                 contrasts.append({"x": p["x"], "series": name, "versus": series[0], "base_mean": base_mean, **entry})
     if not contrasts:
         return
-    for key, holm_key in (("p", "p_holm"), ("p_example", "p_example_holm")):
-        tested = [c for c in contrasts if not np.isnan(c[key])]
-        for c, q in zip(tested, holm([c[key] for c in tested]) if tested else [], strict=True):
-            c[holm_key] = float(q)
+    _holm_columns(contrasts)  # across the x values: the curve asks its question at every one
     keys = ["x", "series", "versus", "n", "base_mean", "mean", "diff", "p", "p_holm", "d", "pairs"]
     keys += ["only_arm", "only_ref", "p_example", "p_example_holm"]
     with open(out_dir / "curve_contrasts.csv", "w", newline="") as f:
@@ -529,12 +535,9 @@ def _curve_contrasts(
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in contrasts:
-        discordant = f"{c['only_arm']} / {c['only_ref']}" if c["pairs"] else "–"
         lines.append(
             f"| {c['x']} | {c['series']} vs {c['versus']} | {c['n']} | {_fmt(c['base_mean'])} | {_fmt(c['mean'])} "
-            f"| {_fmt(c['diff'], '+.4f')} | {_fmt(c['p'], '.3f')} | {_fmt(c['p_holm'], '.3f')} "
-            f"| {_fmt(c['d'], '.2f')} | {c['pairs'] or '–'} | {discordant} | {_fmt(c['p_example'], '.2g')} "
-            f"| {_fmt(c['p_example_holm'], '.2g')} |"
+            f"| {_test_cells(c)} |"
         )
     lines += [
         "",
