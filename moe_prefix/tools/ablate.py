@@ -172,13 +172,19 @@ class Run:
 
 
 def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
-    """Every (arm, seed) run, seed by seed: a sweep stopped part-way has compared all arms on its first seeds."""
+    """Every (arm, seed) run, seed by seed: a sweep stopped part-way has compared all arms on its first seeds.
+
+    The sweep's name, which trackers use as W&B group and MLflow experiment, is its output folder's name."""
     return [
         Run(
             arm,
             seed,
             _run_folder(out_dir, arm, seed),
             [
+                # Trackers (trainer.loggers) file the sweep's runs together; a group set in the sweep wins.
+                f"tracking.group={out_dir.resolve().name}",
+                f"tracking.tags.arm={arm}",
+                f"tracking.tags.seed={seed}",
                 *sweep.overrides,
                 *(_resolve_arm_reference(o, out_dir, seed) for o in ovs),
                 f"seed={seed}",

@@ -22,13 +22,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 
-from . import classification, generation
+from . import classification, generation, trackers
 from . import run_dir as rd
 from .checkpointing import SafetensorsCheckpointIO
 from .module import Built, NonFiniteLossError, PrefixTrainingModule, Task
-from .run_config import ConfigError, RunConfig, check_sources
+from .run_config import ConfigError, RunConfig, check_sources, resolved_loggers
 
 INTERRUPT_CHECKPOINT = "interrupted.ckpt"  # written on Ctrl-C or a crash, next to Lightning's last.ckpt
 KMEANS_SAMPLE = 2048  # training inputs whose router features k-means clusters (prefix.router_init=kmeans)
@@ -71,6 +70,7 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
             "or choose another run_dir"
         )
     task = _prepare(cfg)
+    logger_names = resolved_loggers(cfg.trainer)  # a tracker missing here fails now, before anything loads
     init_from = cfg.model.init_from
     if init_from and not (Path(init_from) / rd.WEIGHTS_FILE).is_file():
         raise ConfigError(f"model.init_from={init_from!r} is not a finished run directory (no {rd.WEIGHTS_FILE})")
@@ -86,14 +86,17 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
         if cfg.prefix.router_init == "kmeans":
             mixture.init_router_kmeans(built.data.router_sample(KMEANS_SAMPLE, cfg.seed), seed=cfg.seed)
     module = task.make_module(built, cfg)
-    stats = _train(cfg, run_dir, module, built.data, resume)
+    loggers = trackers.make_loggers(cfg, run_dir, logger_names)
+    stats = _train(cfg, run_dir, module, built.data, resume, loggers)
     if stats is None:
         return FitResult(run_dir, {})
     metrics = {**validate(module, built.data.val_dataloader(), cfg), **stats}
     rd.write_weights(run_dir, built.network, cfg)
     rd.write_json(run_dir / rd.METRICS_FILE, metrics)
     task.write_results(run_dir, module, built, None)
-    return FitResult(run_dir, rd.read_metrics(run_dir))
+    final = rd.read_metrics(run_dir)
+    trackers.send_final_metrics(loggers, final, stats["steps"])
+    return FitResult(run_dir, final)
 
 
 def load_run(run_dir: str | Path, cfg: RunConfig | None = None, prefix: bool = True) -> tuple[RunConfig, Built]:
@@ -206,19 +209,7 @@ def _gpu_progress_bar(cfg: RunConfig) -> list[Callback]:
     return [TQDMProgressBar(refresh_rate=max(1, int(trainer.get("log_every_n_steps") or 1)))]
 
 
-def _loggers(run_dir: Path):
-    loggers = [CSVLogger(str(run_dir), name=rd.LOG_DIR, version="")]
-    try:
-        import tensorboard  # noqa: F401
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
-    except ImportError:
-        pass
-    return loggers
-
-
-def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, resume: bool) -> dict | None:
+def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, resume: bool, loggers) -> dict | None:
     """Lightning's fit with checkpoints, logs and resume; the run statistics, or None off process 0."""
     ckpt_dir = run_dir / rd.CHECKPOINT_DIR
     timer = _Timer()
@@ -233,12 +224,14 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         ),
         _InterruptCheckpoint(ckpt_dir / INTERRUPT_CHECKPOINT),
         timer,
+        trackers.SendConfig(cfg, run_dir),
         *_gpu_progress_bar(cfg),
     ]
+    lightning_args = {k: v for k, v in cfg.trainer.items() if k != "loggers"}  # ours, not a Trainer argument
     trainer = _trainer(
-        **cfg.trainer,
+        **lightning_args,
         default_root_dir=str(run_dir),
-        logger=_loggers(run_dir),
+        logger=loggers,
         callbacks=callbacks,
         plugins=[SafetensorsCheckpointIO()],
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import types
 import typing
@@ -25,6 +26,8 @@ METHODS = ("prefix", "linear_probe", "prompt", "lora", "full")
 POOLINGS = ("mean", "cls", "last")
 SCHEDULES = ("onecycle", "cosine", "constant")
 OBJECTIVES = ("sft", "rft", "prefix_rft")
+# trainer.loggers: csv needs nothing and is always on; each other one needs the package, and pip extra, of its name.
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -158,6 +161,16 @@ class RLConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where the wandb and mlflow trackers (chosen by trainer.loggers) file a run."""
+
+    project: str = "moe_prefix"  # W&B project; also the MLflow experiment when group is null
+    group: str | None = None  # W&B group and MLflow experiment: the ablation runner sets the sweep's name
+    tags: dict[str, Any] = field(default_factory=dict)  # W&B tags (as key=value) and MLflow tags; sweeps: arm, seed
+    mlflow_uri: str | None = None  # null: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
@@ -165,7 +178,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rl: RLConfig = field(default_factory=RLConfig)
-    trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # keyword arguments of lightning.Trainer
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Keyword arguments of lightning.Trainer, and `loggers`: trackers among csv (always on), tensorboard, wandb,
+    # mlflow; when not given, csv and (if installed) tensorboard.
+    trainer: dict[str, Any] = field(default_factory=_trainer_defaults)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; 1 is faster on a busy 2-core machine; null: torch's default
     run_dir: str | None = None  # null: runs/<config name>-<time>
@@ -240,10 +256,44 @@ def _build(cls, values: dict, path: str):
 def _check_trainer(trainer: dict[str, Any]) -> None:
     import lightning
 
+    if "logger" in trainer:  # moe_prefix builds Lightning's loggers itself, from trainer.loggers
+        raise ConfigError("trainer.logger is set by moe_prefix; choose trackers with trainer.loggers=[csv,wandb]")
     accepted = [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
     for key in trainer:
-        if key not in accepted:
-            raise _unknown_key("trainer.", key, accepted)
+        if key not in accepted and key != "loggers":
+            raise _unknown_key("trainer.", key, [*accepted, "loggers"])
+    trainer["loggers"] = resolved_loggers(trainer)
+
+
+def resolved_loggers(trainer: dict[str, Any]) -> list[str]:
+    """The trackers a run logs to, checked (a config saved on another machine may name one missing here)."""
+    return check_loggers(trainer["loggers"]) if "loggers" in trainer else default_loggers()
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None  # finds the package without importing it
+
+
+def default_loggers() -> list[str]:
+    """csv, and tensorboard when it is installed (what a run logs when trainer.loggers is not given)."""
+    return ["csv", *(["tensorboard"] if _installed("tensorboard") else [])]
+
+
+def check_loggers(value: Any) -> list[str]:
+    """trainer.loggers as a list that starts with csv; a tracker that is not installed names its pip extra."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"trainer.loggers={value!r} must be a list such as [csv,wandb]; choose from {', '.join(LOGGERS)}"
+        )
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"trainer.loggers: unknown tracker {name!r}; choose from {', '.join(LOGGERS)}")
+        if name != "csv" and not _installed(name):
+            raise ConfigError(
+                f'trainer.loggers: {name} is not installed; install its extra: pip install -e ".[{name}]"'
+            )
+    return list(dict.fromkeys(["csv", *names]))  # csv first and once: analysis reads logs/metrics.csv
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

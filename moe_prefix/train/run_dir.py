@@ -11,7 +11,7 @@ A fit writes (all at the top of the folder unless said otherwise):
 - `samples.jsonl` (generation): generations next to their references;
 - `rollouts.jsonl` (generation with optim.objective rft or prefix_rft): the last training steps' sampled texts
   with their demonstration length, reward, SER and advantage;
-- `logs/metrics.csv` (and `tensorboard/`), `checkpoints/`.
+- `logs/metrics.csv` (and, as trainer.loggers asks, `tensorboard/`, `wandb/`, `trackers.json`), `checkpoints/`.
 
 `evaluate` adds `eval-<name>.json` (and `samples-<name>.jsonl` for generation). Evaluation, analysis
 and the ablation runner read runs through `read_config`, `read_metrics`, `load_weights`,
