@@ -253,3 +253,138 @@ def test_router_features_transforms_are_one_comma_separated_option(capsys):
     code = main(["router-features", "--transforms", "layernorm,pca", "threads=1"])
     captured = capsys.readouterr()
     assert_clean_failure(code, captured.out + captured.err, "unknown feature transform 'pca'")
+
+
+# -- first run: a quick command line, a quiet fit, one summary block ------------------------------------
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_transformers():
+    """`moe-prefix --help` and argument errors answer at once: torch, transformers and Lightning load only
+    when a command runs."""
+    script = (
+        "import sys\n"
+        "from moe_prefix.tools.cli import COMMANDS, main\n"
+        "calls = [['--help'], ['fit', '--bogus'], ['nope'], ['prefetch', 'nope'], ['bench', '--clock', 'x']]\n"
+        "for argv in calls + [[name, '--help'] for name in COMMANDS]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code in (0, 2), (argv, exit.code)\n"
+        "    else:\n"
+        "        raise AssertionError(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'numpy') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_package_names_load_on_first_use():
+    script = "import sys, moe_prefix\nassert 'torch' not in sys.modules\nprint(moe_prefix.PrefixMixture.__module__)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "moe_prefix.mixture"
+
+
+def _cfg(**overrides):
+    from moe_prefix.train.run_config import load_config
+
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_summary_block_reports_task_metric_routing_health_size_time_and_ends_with_the_run_directory():
+    from moe_prefix.tools.cli import summary_block
+
+    metrics = {
+        "val/acc": 0.81234,
+        "val/acc/movies": 0.8,
+        "val/acc/tweets": 0.9,
+        "val/loss": 0.45,
+        "val/dead_experts": 1,
+        "val/nmi": 0.41,
+        "val/load/e0": 0.5,
+        "trainable_params": 297222,
+        "train_time_s": 50.3,
+        "steps": 583,
+    }
+    text = summary_block(metrics, _cfg(name="moe4"), Path("runs/moe4-1"))
+    lines = text.splitlines()
+    assert lines[0].startswith("-- moe4 (seed 0) --")
+    assert lines[1:] == [
+        "val/acc: 0.8123 (movies 0.8000, tweets 0.9000)",
+        "val/loss: 0.4500",
+        "dead experts: 1 of 4",
+        "routing NMI with group: 0.4100",
+        "trainable parameters: 297,222",
+        "training time: 50.3 s (583 steps)",
+        "run directory: runs/moe4-1",
+    ]
+
+
+def test_summary_block_leaves_out_what_a_run_did_not_measure():
+    from moe_prefix.tools.cli import summary_block
+
+    metrics = {"val/bleu": 61.2, "val/ser": 0.02, "val/loss": 1.5, "trainable_params": 1000}
+    cfg = _cfg(**{"model.method": "lora", "data.group_column": "null"})
+    lines = summary_block(metrics, cfg, "r").splitlines()[1:]
+    assert lines == [
+        "val/bleu: 61.2000",
+        "val/ser: 0.0200",
+        "val/loss: 1.5000",
+        "trainable parameters: 1,000",
+        "run directory: r",
+    ]
+
+
+def test_warnings_print_as_one_line():
+    from moe_prefix.tools.cli import one_line_warning
+
+    ours = one_line_warning(
+        UserWarning("3 of 9 texts were truncated"), UserWarning, str(ROOT / "moe_prefix" / "x.py"), 7
+    )
+    assert ours == "warning: 3 of 9 texts were truncated\n"
+    theirs = one_line_warning(UserWarning("odd"), UserWarning, "/lib/lightning/trainer.py", 12, "source line")
+    assert theirs == "/lib/lightning/trainer.py:12: UserWarning: odd\n"
+
+
+@pytest.mark.slow  # a whole fit, in its own process as a user starts it
+def test_a_fit_prints_no_lightning_noise_and_ends_with_the_summary_block(tiny_backbone_dir, tmp_path):
+    path = write_reviews_csv(tmp_path / "reviews.csv", n=60)
+    with open(path, "a") as f:
+        f.write("good movie " + "plot " * 80 + ",pos,cinema\n")  # one long text: the truncation warning
+    run = tmp_path / "run"
+    argv = [o for o in tiny_run_overrides(tiny_backbone_dir, path, run) if "enable_model_summary" not in o]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_prefix.tools", "fit", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    for noise in ("GPU available", "TPU available", "FLOPs", "Flops", "Loading `train_dataloader`"):
+        assert noise not in output, noise
+    # At most two warning lines: the truncation (one line for both splits) and the collapse of this tiny run,
+    # each once although two Trainers run.
+    warning_lines = [line for line in output.splitlines() if "warning" in line.lower()]
+    assert warning_lines == [
+        "warning: 1 of 49 training and 0 of 12 validation texts are longer than model.max_length=64 tokens and "
+        "were truncated",
+        "warning: routing collapse: expert 0 takes 100% of the load; raise prefix.balance_coef or prefix.router_noise",
+    ], output
+    assert "trainable params: 1.2 K, frozen:" in output  # the model summary stays, without FLOPs
+    lines = proc.stdout.strip().splitlines()
+    block = lines[next(i for i, line in enumerate(lines) if line.startswith("-- run (seed 0) --")) + 1 :]
+    dead = int(json.loads((run / "metrics.json").read_text())["val/dead_experts"])
+    assert [line.split(":")[0] for line in block] == [
+        "val/acc",
+        "val/f1",
+        "val/loss",
+        "dead experts",
+        "routing NMI with site",
+        "trainable parameters",
+        "training time",
+        "run directory",
+    ], proc.stdout
+    assert "(cinema " in block[0] and block[3] == f"dead experts: {dead} of 2"
+    assert block[-1] == f"run directory: {run}"

@@ -166,6 +166,9 @@ def test_wandb_offline_fit_logs_config_steps_and_final_metrics(
     overrides = tiny_run_overrides(tiny_backbone_dir, reviews_csv, run_dir, **{"trainer.loggers": "[wandb]"})
     cfg = load_config(None, [*overrides, "name=tiny", "tracking.project=tests", "tracking.tags.arm=a"])
     metrics = fit(cfg).metrics
+    import wandb
+
+    wandb.teardown()  # the W&B service writes the offline run file behind the run's finish(); this waits for it
     run = wandb_run(run_dir)
     assert run["run"].display_name == "tiny-seed0" and run["run"].project == "tests"
     assert list(run["run"].tags) == ["arm=a"]

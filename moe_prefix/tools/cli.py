@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from moe_prefix.train.run_config import ConfigError, load_config
 
@@ -65,21 +66,42 @@ def fit_command(config: str | None, overrides: list[str], resume: str | None, in
         finished = rd.read_metrics(resume)
         if finished is not None:  # resumed as configured, a finished run has nothing left to train
             print(f"{resume} has already finished; nothing to resume. Its metrics:")
-            _print_summary(finished, resume)
+            _print_summary(finished, cfg, resume)
             return 0
     else:
         cfg = load_config(config, overrides)
     result = fit(cfg, resume=bool(resume))
     if result.metrics:  # empty on a non-zero DDP process: process 0 reports
-        _print_summary(result.metrics, result.run_dir)
+        _print_summary(result.metrics, cfg, result.run_dir)
     return 0
 
 
-def _print_summary(m: dict, run_dir) -> None:
-    _print_metrics(m)
-    timing = f"; training time: {m['train_time_s']} s" if "train_time_s" in m else ""
-    print(f"trainable parameters: {m['trainable_params']:,}{timing}")
-    print(f"run directory: {run_dir}")
+TASK_METRICS = ("val/acc", "val/f1", "val/bleu", "val/rougeL", "val/ser", "val/loss")
+
+
+def summary_block(m: dict, cfg, run_dir) -> str:
+    """What a fit ends with: task metrics, routing health, size, time; the run directory last, as the
+    last word of the last line (scripts and the tests read it there)."""
+    lines = [f"-- {cfg.name} (seed {cfg.seed}) " + "-" * max(4, 60 - len(cfg.name))]
+    for key in TASK_METRICS:
+        if key in m:
+            groups = sorted(k for k in m if k.startswith(f"{key}/"))  # per-group values, e.g. val/acc/tweets
+            detail = ", ".join(f"{k.rsplit('/', 1)[1]} {m[k]:.4f}" for k in groups)
+            lines.append(f"{key}: {m[key]:.4f}" + (f" ({detail})" if detail else ""))
+    if "val/dead_experts" in m:  # a mixture: what a mixture user checks first
+        lines.append(f"dead experts: {int(m['val/dead_experts'])} of {cfg.prefix.num_experts}")
+    if "val/nmi" in m:  # rows had groups: does the top-1 expert follow them?
+        lines.append(f"routing NMI with {cfg.data.group_column}: {m['val/nmi']:.4f}")
+    lines.append(f"trainable parameters: {int(m['trainable_params']):,}")
+    if "train_time_s" in m:
+        steps = f" ({int(m['steps'])} steps)" if "steps" in m else ""
+        lines.append(f"training time: {m['train_time_s']} s{steps}")
+    lines.append(f"run directory: {run_dir}")
+    return "\n".join(lines)
+
+
+def _print_summary(m: dict, cfg, run_dir) -> None:
+    print(summary_block(m, cfg, run_dir))
 
 
 def evaluate_command(run_dir: str, data_file: str | None, no_prefix: bool = False) -> int:
@@ -135,7 +157,7 @@ def _offline_unless_asked() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     from huggingface_hub import constants
 
-    # huggingface_hub read the variable when `import moe_prefix` loaded transformers, before any command ran.
+    # huggingface_hub reads the variable once, at import: whatever imported it before this ran missed it.
     constants.HF_HUB_OFFLINE = True
 
 
@@ -324,6 +346,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, without the source line Python prints under it; ours (their messages say
+    what happened and what to do) without a location either."""
+    if f"{os.sep}moe_prefix{os.sep}" in filename:
+        return f"warning: {message}\n"
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`moe-prefix COMMAND [options]`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -331,4 +361,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     # What bench records to reproduce its figures: the command as typed, after the subcommand name.
     args.command_line = " ".join([prog or f"{PROG} {args.command}", *argv[argv.index(args.command) + 1 :]])
-    return args.run(args)
+    shown, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    try:
+        return args.run(args)
+    finally:  # main() may run inside another program (tests, notebooks): leave its format as it was
+        warnings.formatwarning = shown

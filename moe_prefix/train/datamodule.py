@@ -195,20 +195,31 @@ class ClassificationData(TrainData):
         groups = sorted({ex.group for ex in train + val if ex.group is not None})
         self.group_names = groups
         self.group_vocab = {g: i for i, g in enumerate(groups)}
-        self.train_set = self.encode_examples(train)
-        self.val_set = self.encode_examples(val)
+        (self.train_set, cut_train), (self.val_set, cut_val) = self._encode(train), self._encode(val)
+        if cut_train or cut_val:  # one warning for both splits
+            warnings.warn(
+                f"{cut_train} of {len(train)} training and {cut_val} of {len(val)} validation texts are longer than "
+                f"model.max_length={self.cfg.model.max_length} tokens and were truncated",
+                stacklevel=1,  # Lightning calls setup(); its line would say nothing
+            )
         self.loaded = True
 
     def encode_examples(self, examples) -> list[Encoded]:
-        """Tokenise examples with this run's label and group vocabularies (also other files, at evaluation)."""
+        """Tokenise examples with this run's label and group vocabularies (another file, at evaluation)."""
+        encoded, too_long = self._encode(examples)
+        if too_long:
+            warnings.warn(
+                f"{too_long} of {len(examples)} texts are longer than model.max_length={self.cfg.model.max_length} "
+                "tokens and were truncated",
+                stacklevel=2,
+            )
+        return encoded
+
+    def _encode(self, examples) -> tuple[list[Encoded], int]:
+        """The encoded examples, and how many were cut to model.max_length."""
         max_len = self.cfg.model.max_length
         ids = self.tokenizer([ex.text for ex in examples], truncation=False)["input_ids"]
         too_long = sum(len(x) > max_len for x in ids)
-        if too_long:
-            warnings.warn(
-                f"{too_long} of {len(ids)} texts are longer than model.max_length={max_len} tokens and were truncated",
-                stacklevel=2,
-            )
         return [
             Encoded(
                 index=i,
@@ -217,7 +228,7 @@ class ClassificationData(TrainData):
                 group=self.group_vocab.get(ex.group, -1),
             )
             for i, (ex, x) in enumerate(zip(examples, ids, strict=True))
-        ]
+        ], too_long
 
     @property
     def num_classes(self) -> int:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from . import classification, generation, trackers
 from . import run_dir as rd
@@ -166,8 +168,14 @@ class _Timer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+_QUIETED = []
+
+
 def _quiet_lightning() -> None:
     """Silence what a user cannot act on; warnings about their run (truncation, collapse) stay."""
+    if _QUIETED:  # once: each change to the warning filters lets every warning already shown show again
+        return
+    _QUIETED.append(True)
     # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # Raised inside Lightning's own use of torch's pytree helpers, not by anything a run configures.
@@ -181,16 +189,42 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     # The default of Lightning's worker advice assumes a GPU box; data.num_workers is documented.
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
-    # Lightning's tips about optional packages (litmodels, litlogger): adverts, not advice on this run.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoTips) for f in logger.filters):
-            logger.addFilter(_NoTips())
+        if not any(isinstance(f, _NoNoise) for f in logger.filters):
+            logger.addFilter(_NoNoise())
 
 
-class _NoTips(logging.Filter):
+class _NoNoise(logging.Filter):
+    """Lightning's lines that say nothing about this run: tips about optional packages (adverts); the
+    accelerator inventory, printed again by every Trainer (each fit makes two, the config names the device,
+    and Lightning still warns when a GPU sits unused); how it counts the schedule's steps."""
+
+    NOISE = ("Tip:", "GPU available:", "TPU available:", "HPU available:", "Loading `train_dataloader` to estimate")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
+        message = record.getMessage()
+        return not any(part in message for part in self.NOISE)
+
+
+class _ModelSummary(ModelSummary):
+    """Lightning's summary without its FLOPs column and total: they read 0 unless a module defines
+    `example_input_array`, and a tokenised batch is not one example tensor."""
+
+    @staticmethod
+    def summarize(
+        summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, **kwargs
+    ) -> None:
+        columns = [(name, [str(v) for v in values]) for name, values in summary_data if name != "FLOPs"]
+        widths = [max([len(name), *map(len, values)]) for name, values in columns]
+        lines = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths, strict=True))]
+        for row in zip(*(values for _, values in columns), strict=True):
+            lines.append(" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        trainable, frozen = (
+            get_human_readable_count(n) for n in (trainable_parameters, total_parameters - trainable_parameters)
+        )
+        lines.append(f"trainable params: {trainable}, frozen: {frozen} ({model_size:.1f} MB in all)")
+        rank_zero_info("\n".join(lines))
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -228,8 +262,11 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         *_gpu_progress_bar(cfg),
     ]
     lightning_args = {k: v for k, v in cfg.trainer.items() if k != "loggers"}  # ours, not a Trainer argument
+    if lightning_args.pop("enable_model_summary", True):
+        callbacks.append(_ModelSummary())
     trainer = _trainer(
         **lightning_args,
+        enable_model_summary=False,  # Lightning's own; _ModelSummary replaces it
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=callbacks,
