@@ -22,12 +22,14 @@ from .config import BackboneDims, PrefixConfig
 
 
 class PrefixBank(nn.Module):
-    def __init__(self, cfg: PrefixConfig, dims: BackboneDims):
+    def __init__(self, cfg: PrefixConfig, dims: BackboneDims, shared: bool = False):
+        """shared=True: the one bank of cfg.shared_len positions beside the routed ones (same init and MLP)."""
         super().__init__()
         self.cfg, self.dims = cfg, dims
-        shape = (cfg.num_experts, dims.num_layers, 2, dims.num_kv_heads, cfg.prefix_len, dims.head_dim)
+        self.num_experts, self.prefix_len = (1, cfg.shared_len) if shared else (cfg.num_experts, cfg.prefix_len)
+        shape = (self.num_experts, dims.num_layers, 2, dims.num_kv_heads, self.prefix_len, dims.head_dim)
         if cfg.reparam:
-            self.embedding = nn.Parameter(torch.randn(cfg.num_experts, cfg.prefix_len, cfg.reparam_dim))
+            self.embedding = nn.Parameter(torch.randn(self.num_experts, self.prefix_len, cfg.reparam_dim))
             out = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim
             self.mlp = nn.Sequential(
                 nn.Linear(cfg.reparam_dim, cfg.reparam_hidden), nn.Tanh(), nn.Linear(cfg.reparam_hidden, out)
@@ -58,6 +60,25 @@ class PrefixBank(nn.Module):
             del self.mlp, self.embedding
 
     @torch.no_grad()
+    def upcycle(self, source: Tensor, noise: float, seed: int) -> None:
+        """Every expert := the one-expert prefix source (l c h p d) + N(0, (noise * std(source))^2), seeded.
+
+        Sparse upcycling (Komatsuzaki et al., ICLR 2023): experts start from a trained dense prefix and then
+        specialise; the noise breaks their symmetry so the router's gradients can tell them apart.
+        """
+        if self.kv is None:
+            raise ValueError("cannot upcycle into a reparameterised bank: use prefix.reparam=false")
+        if source.shape != self.kv.shape[1:]:
+            raise ValueError(
+                f"the source prefix has shape {tuple(source.shape)} (l c h p d); each expert of this bank has "
+                f"{tuple(self.kv.shape[1:])}: train the source with the same prefix_len and backbone"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        std = noise * source.float().std().item()
+        draws = torch.randn(self.kv.shape, generator=generator, dtype=torch.float32) * std
+        self.kv.copy_(source.float().expand_as(self.kv) + draws)
+
+    @torch.no_grad()
     def set_from_activations(self, kv: Tensor) -> None:
         """Initialise from real tokens' keys/values, kv (e l c h p d) (Li & Liang: helps in low data)."""
         if self.kv is None:
@@ -72,10 +93,10 @@ class PrefixBank(nn.Module):
     def blend(self, weights: Tensor, indices: Tensor, keep: int | None = None) -> Tensor:
         """Weighted sum of the chosen banks: weights, indices (b k) -> (b l c h p d), p = keep or P."""
         bank = self._kept(keep)
-        if self.cfg.num_experts <= 2 * indices.shape[1]:
+        if self.num_experts <= 2 * indices.shape[1]:
             # Few banks: one (b e) x (e n) matmul. No (b k n) gather, and its backward is one matmul
             # instead of an index_put into a zero-filled (e n) gradient.
-            dense = torch.zeros(weights.shape[0], self.cfg.num_experts, device=weights.device, dtype=bank.dtype)
+            dense = torch.zeros(weights.shape[0], self.num_experts, device=weights.device, dtype=bank.dtype)
             dense.scatter_(1, indices, weights.to(bank.dtype))
             return torch.einsum("be,elchpd->blchpd", dense, bank)
         chosen = bank[indices]  # (b k l c h p d)

@@ -15,6 +15,7 @@ LENGTH_MODES = ("fixed", "expert", "learned")
 INITS = ("random", "tokens")
 PREFIX_MODES = ("softmax", "decoupled")
 ROUTER_INITS = ("random", "kmeans")
+EXPERT_INITS = ("independent", "upcycle")
 ATTENTION_PATHS = ("auto", "split", "joint")
 
 
@@ -29,6 +30,9 @@ class PrefixConfig:
 
     num_experts: int = 4  # E prefix banks
     prefix_len: int = 16  # P positions per bank (the maximum when lengths are dynamic)
+    shared_len: int = 0  # S positions beside the routed banks that every input attends to with weight one, in
+    # both combine modes (DeepSeekMoE's shared experts; SMoP's central prompt): what all sources share lives
+    # there, so the routed banks need not each relearn it. 0: no shared part. Lengths never cut it
     top_k: int | None = 2  # banks used per input with routing="topk"; None means all of them
     routing: str = "topk"  # soft: dense softmax over all banks; topk: sparse, renormalised over the top k
     combine: str = "blend"  # blend: weighted sum of keys/values (P positions); concat: banks side by side (k·P)
@@ -56,6 +60,10 @@ class PrefixConfig:
     reparam_hidden: int = 256  # hidden width of the reparameterisation MLP
     init: str = "random"  # random: N(0, init_std); tokens: keys/values of real tokens (init_from_text)
     init_std: float = 0.02
+    expert_init: str = "independent"  # independent: every bank drawn by `init`; upcycle: every bank starts as the
+    # one-expert prefix of a finished run (model.init_from) plus seeded noise (sparse upcycling, Komatsuzaki et
+    # al. 2023); its shared part, if any, is copied as it is
+    upcycle_noise: float = 0.01  # std of that noise, relative to the std of the source prefix
     prefix_mode: str = "softmax"  # softmax: prefix positions join the attention softmax (Li & Liang);
     # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
     attention_path: str = "auto"  # split: tokens on the fused kernel, prefix beside, merged by log-sum-exp (an
@@ -72,10 +80,17 @@ class PrefixConfig:
         _choice("prefix_mode", self.prefix_mode, PREFIX_MODES)
         _choice("router_init", self.router_init, ROUTER_INITS)
         _choice("attention_path", self.attention_path, ATTENTION_PATHS)
+        _choice("expert_init", self.expert_init, EXPERT_INITS)
         if self.num_experts < 1:
             raise ValueError(f"prefix.num_experts must be >= 1, got {self.num_experts}")
         if self.prefix_len < 1:
             raise ValueError(f"prefix.prefix_len must be >= 1, got {self.prefix_len}")
+        if self.shared_len < 0:
+            raise ValueError(f"prefix.shared_len must be >= 0, got {self.shared_len}")
+        if self.shared_len and self.prefix_mode == "decoupled":
+            raise ValueError("prefix.shared_len applies to prefix_mode=softmax: decoupled experts have no shared part")
+        if self.upcycle_noise < 0:
+            raise ValueError(f"prefix.upcycle_noise must be >= 0, got {self.upcycle_noise}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"prefix.top_k={self.top_k} must lie in 1..num_experts={self.num_experts} (or null for all)"

@@ -67,6 +67,8 @@ class PrefixState:
     decoupled_kv: Tensor | None = None  # (e l c h p d) when prefix_mode="decoupled"
     decoupled_gate: Tensor | None = None  # (l h) per-layer, per-head gates of the decoupled term
     probe_blocks: int | None = None  # when set, record prefix attention mass split into this many blocks
+    # (of the routed positions; with shared_len > 0 the shared positions' mass comes first, as one more block)
+    shared_len: int = 0  # the first shared_len prefix positions are the shared part (PrefixConfig.shared_len)
     probes: dict[int, Tensor] = field(default_factory=dict)  # layer -> (b h blocks) mean mass over queries
     capture: dict[int, tuple[Tensor, Tensor]] | None = None  # layer -> input keys, values (b h t d)
     attention_path: str = "auto"  # auto: split where it applies, else joint; split: raise where it does not
@@ -150,8 +152,10 @@ def _record_probe(state: PrefixState, layer: int, module, query, key_all, mask, 
         else:
             scores = scores + mask.float()
     weights = torch.softmax(scores, dim=-1)[..., :p]  # (b h q p)
-    blocks = state.probe_blocks
-    mass = weights.unflatten(-1, (blocks, p // blocks)).sum(-1)  # (b h q blocks)
+    s, blocks = state.shared_len, state.probe_blocks
+    mass = weights[..., s:].unflatten(-1, (blocks, (p - s) // blocks)).sum(-1)  # (b h q blocks)
+    if s:
+        mass = torch.cat([weights[..., :s].sum(-1, keepdim=True), mass], -1)  # (b h q 1+blocks)
     qmask = state.query_mask
     if qmask is None or qmask.shape[-1] != query.shape[2]:
         qmask = torch.ones(query.shape[0], query.shape[2], device=query.device)

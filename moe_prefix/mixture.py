@@ -82,6 +82,9 @@ class PrefixMixture(nn.Module):
         self.bank = PrefixBank(cfg, self.dims)
         self.router = Router(feature_dim, cfg, normalize=cfg.router_input != "group")
         self.length = LengthController(feature_dim, cfg)
+        # The shared part is a one-expert bank of its own (same init, reparameterisation and fold), built last so
+        # that shared_len=0 draws exactly the random numbers it always did.
+        self.shared = PrefixBank(cfg, self.dims, shared=True) if cfg.shared_len else None
         if cfg.prefix_mode == "decoupled":
             # Zero-initialised gates: the adapted model starts out exactly as the frozen one.
             self.gate = nn.Parameter(torch.zeros(self.dims.num_layers, self.dims.num_heads))
@@ -169,6 +172,9 @@ class PrefixMixture(nn.Module):
             if length.log_mask is not None:
                 bias = bias + length.log_mask
             state = PrefixState(kv=kv, bias=rearrange(bias, "b k p -> b (k p)"))
+        if self.shared is not None:
+            state.kv, state.bias = self._with_shared(state.kv, state.bias)
+            state.shared_len = cfg.shared_len
         state.query_mask = attention_mask
         state.attention_path = cfg.attention_path
         routing = MixtureRouting(
@@ -182,6 +188,17 @@ class PrefixMixture(nn.Module):
             length_cost=length.cost,
         )
         return routing, state
+
+    def _with_shared(self, kv: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """[shared, routed] along p: kv (b l c h p d) -> (b l c h (s + p) d); bias (b p) -> (b (s + p)).
+
+        The shared positions get bias 0, i.e. weight one inside the softmax, whatever the routing chose.
+        """
+        shared = self.shared.tensor()[0].to(kv.dtype)  # (l c h s d)
+        shared = shared.expand(kv.shape[0], *shared.shape)
+        if bias is not None:
+            bias = torch.cat([bias.new_zeros(bias.shape[0], shared.shape[-2]), bias], -1)
+        return torch.cat([shared, kv], -2), bias
 
     # -- forward / generate -----------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, group_ids=None, **kwargs):
@@ -237,7 +254,8 @@ class PrefixMixture(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         real = attention_mask.flatten().nonzero().squeeze(-1)  # positions over (b t)
-        need = self.cfg.num_experts * self.cfg.prefix_len
+        routed = self.cfg.num_experts * self.cfg.prefix_len
+        need = routed + self.cfg.shared_len  # the shared part's tokens come after the routed banks' ones
         generator = torch.Generator().manual_seed(seed)
         if len(real) >= need:
             pick = real[torch.randperm(len(real), generator=generator)[:need]]
@@ -247,9 +265,13 @@ class PrefixMixture(nn.Module):
         for layer in range(self.dims.num_layers):
             keys, values = state.capture[layer]  # (b h t d)
             kv = torch.stack([keys, values])  # (c b h t d)
-            kv = rearrange(kv, "c b h t d -> c h (b t) d")[:, :, pick]
-            layers.append(rearrange(kv, "c h (e p) d -> e c h p d", e=self.cfg.num_experts))
-        self.bank.set_from_activations(torch.stack(layers, dim=1))
+            layers.append(rearrange(kv, "c b h t d -> c h (b t) d")[:, :, pick])
+        kv = torch.stack(layers, dim=1)  # (c l h n d), n = routed + shared tokens
+        self.bank.set_from_activations(
+            rearrange(kv[..., :routed, :], "c l h (e p) d -> e l c h p d", e=self.cfg.num_experts)
+        )
+        if self.shared is not None:
+            self.shared.set_from_activations(rearrange(kv[..., routed:, :], "c l h s d -> 1 l c h s d"))
 
     @torch.no_grad()
     def init_router_kmeans(self, batches, seed: int = 0) -> Tensor:
@@ -267,6 +289,8 @@ class PrefixMixture(nn.Module):
     def fold(self) -> None:
         """Fold the reparameterisation into plain tensors (for inference and export)."""
         self.bank.fold()
+        if self.shared is not None:
+            self.shared.fold()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only what trains (prefix side and any task head); never a frozen backbone tensor."""

@@ -198,7 +198,8 @@ def _task_type(model: nn.Module) -> str:
 
 
 def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Tensor:
-    """The (l c h p d) prefix a fixed choice produces at evaluation, truncated to its hard length."""
+    """The (l c h p d) prefix a fixed choice produces at evaluation, truncated to its hard length, behind the
+    shared positions where the mixture has them."""
     cfg = mixture.cfg
     if cfg.prefix_mode != "softmax":
         raise ValueError("prefix_mode=decoupled adds its experts outside the softmax: no PEFT prefix equals it")
@@ -234,9 +235,12 @@ def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Ten
         # Evaluation keeps round(sum_e w_e n_e) positions for a blend (LengthController), n_e for one bank.
         per_bank = torch.tensor(cfg.expert_lengths, dtype=torch.float32)
         length = int((weights * per_bank).sum().round().item())
-    if length == 0:
+    kv = kv[..., :length, :]
+    if mixture.shared is not None:  # every input attends to the shared positions with weight one, as PEFT's do
+        kv = torch.cat([mixture.shared.tensor()[0].detach().to(kv), kv], -2)
+    if kv.shape[-2] == 0:
         raise ValueError("the chosen experts have prefix length 0: there is nothing to export")
-    return kv[..., :length, :]
+    return kv
 
 
 def export_peft_adapter(

@@ -77,7 +77,8 @@ def prefix_attention_mass(
     e.g. ``moe_prefix.tools.analyze.validation_batches(data)``. λ is averaged over each example's real query tokens.
 
     Returns numpy arrays:
-    - ``total`` (n l h): attention mass on the whole prefix;
+    - ``total`` (n l h): attention mass on the whole prefix (shared and routed positions);
+    - ``shared`` (n l h): the part of it on the shared positions (prefix.shared_len), None without them;
     - ``per_expert`` (n l h e): mass on each expert's bank, NaN for experts the example was not routed to
       (so ``np.nanmean`` over n is the mean over routed examples); None in blend mode, where the banks
       are mixed into one prefix and their mass cannot be told apart;
@@ -92,7 +93,8 @@ def prefix_attention_mass(
     device = next(mixture.parameters()).device
     was_training = mixture.training
     mixture.eval()
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("total", "per_expert", "experts", "weights", "lengths")}
+    keys = ("total", "shared", "per_expert", "experts", "weights", "lengths")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     out |= {"group_ids": [], "index": []}
     try:
         for batch in _limited(batches, max_examples, progress, "prefix attention"):
@@ -105,9 +107,13 @@ def prefix_attention_mass(
             _run_backbone(mixture, batch, state)
             heads = next(iter(state.probes.values())).shape[1] if state.probes else mixture.dims.num_heads
             # A layer without a record saw an empty prefix (every bank cut to length 0): no mass.
-            empty = torch.zeros(b, heads, state.probe_blocks, device=device)
-            blocks = torch.stack([state.probes.get(i, empty) for i in range(layers)], 1).float().cpu()  # (b l h k)
+            shared = 1 if cfg.shared_len else 0
+            empty = torch.zeros(b, heads, shared + state.probe_blocks, device=device)
+            blocks = torch.stack([state.probes.get(i, empty) for i in range(layers)], 1).float().cpu()  # (b l h s+k)
             out["total"].append(blocks.sum(-1).numpy())
+            if shared:
+                out["shared"].append(blocks[..., 0].numpy())
+                blocks = blocks[..., 1:]
             if concat:
                 per_expert = torch.full((b, layers, heads, cfg.num_experts), float("nan"))
                 index = routing.indices.cpu()[:, None, None, :].expand(-1, layers, heads, -1)

@@ -366,6 +366,12 @@ def _lambda_section(rep: _Report, mixture, mass: dict | None, group_names: list[
     rep.add(f"Mean λ over layers and heads: {_ci(bootstrap_ci(total.mean((1, 2))))}.")
     per_layer = bootstrap_ci(total.mean(2))
     rep.table(["layer", "λ (95 % CI)"], [[i, _ci_cell(per_layer, i)] for i in range(layers)])
+    if mass.get("shared") is not None:
+        shared = mass["shared"].mean((1, 2))  # (n)
+        rep.add(
+            f"Of it, on the shared positions (prefix.shared_len, weight one for every input): "
+            f"{_ci(bootstrap_ci(shared))}; on the routed positions: {_ci(bootstrap_ci(total.mean((1, 2)) - shared))}."
+        )
     per_expert = mass["per_expert"]
     if per_expert is None:
         rep.add("No per-expert λ: blend mode mixes the banks into one prefix, so their mass cannot be separated.")

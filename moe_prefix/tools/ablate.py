@@ -47,6 +47,8 @@ class Sweep:
     metric: str = "val/acc"
     curve: dict[str, str] | None = None  # {x: config key, series: config key}: also plot the metric against x
     also: list[str] = field(default_factory=list)  # further metrics, each summarised in a table of its own
+    untested: list[str] = field(default_factory=list)  # arms summarised but kept out of the tests and their Holm
+    # family: stages other arms start from (model.init_from=@arm), or references such as LoRA
 
     @property
     def metrics(self) -> list[str]:
@@ -59,11 +61,11 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric", "also", "curve"}
+    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric", "also", "curve", "untested"}
     if unknown:
         raise ConfigError(
             f"{path}: unknown sweep keys {sorted(unknown)}; "
-            "valid: base, arms, seeds, overrides, reference, metric, also, curve"
+            "valid: base, arms, seeds, overrides, reference, metric, also, curve, untested"
         )
     also = raw.get("also", [])
     if not isinstance(also, list) or not all(isinstance(m, str) for m in also):
@@ -83,6 +85,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raw.get("metric", "val/acc"),
         curve,
         also,
+        [str(arm) for arm in raw.get("untested", [])],
     )
     return _check(sweep)
 
@@ -139,6 +142,11 @@ def _check(sweep: Sweep) -> Sweep:
     """Every arm must make a valid config before the first run starts."""
     if sweep.reference is not None and sweep.reference not in sweep.arms:
         raise ConfigError(f"reference arm {sweep.reference!r} is not one of the arms: {', '.join(sweep.arms)}")
+    for arm in sweep.untested:
+        if arm not in sweep.arms or arm == sweep.reference:
+            raise ConfigError(
+                f"untested arm {arm!r} must be one of the arms other than the reference: {', '.join(sweep.arms)}"
+            )
     for name, ovs in sweep.arms.items():
         earlier = list(sweep.arms)[: list(sweep.arms).index(name)]
         for target in filter(None, map(_arm_reference, ovs)):
@@ -152,6 +160,27 @@ def _check(sweep: Sweep) -> Sweep:
         except ConfigError as err:
             raise ConfigError(f"arm {name!r}: {err}") from None
     return sweep
+
+
+def arm_steps(sweep: Sweep) -> dict[str, int | None]:
+    """Optimizer steps each arm trains, counting the runs it starts from (`model.init_from=@arm`), from
+    trainer.max_steps; None where the arm, or a run it starts from, is bounded by epochs instead.
+
+    A chained arm (a one-expert prefix, then the mixture upcycled from it) is compared fairly only when this
+    total equals the other arms' budget."""
+    steps: dict[str, int | None] = {}
+    for name, ovs in sweep.arms.items():
+        cfg = load_config(sweep.base, [*sweep.overrides, *(_resolve_arm_reference(o, Path("out"), 0) for o in ovs)])
+        max_steps = int(cfg.trainer.get("max_steps", -1))
+        total = max_steps if max_steps > 0 else None
+        for target in (_arm_reference(o) for o in ovs if o.startswith("model.init_from=")):
+            total = None if total is None or steps[target] is None else total + steps[target]
+        steps[name] = total
+    return steps
+
+
+def _chained(sweep: Sweep) -> bool:
+    return any(o.startswith("model.init_from=@") for ovs in sweep.arms.values() for o in ovs)
 
 
 def _slug(name: str) -> str:
@@ -363,7 +392,7 @@ def _compare_arms(
             "p_example": np.nan,
             "p_example_holm": np.nan,
         }
-        matched = sorted(set(seeds) & set(ref))
+        matched = sorted(set(seeds) & set(ref)) if arm not in sweep.untested else []
         if example_level and arm != sweep.reference and matched:
             pairs = [(run_dirs[arm, s], run_dirs[sweep.reference, s]) for s in matched]
             entry["pairs"], test = example_level_test(pairs)
@@ -436,6 +465,11 @@ def _write_summary(sweep: Sweep, out_dir: Path, tables: dict[str, list[dict]]) -
         "that one of the two gets right and the other wrong. It treats examples as independent given the "
         "seeds, so it answers for this validation set, not for a new draw of training seeds.",
     ]
+    if sweep.untested:
+        lines += ["", f"Not tested (outside the Holm family): {', '.join(sweep.untested)}."]
+    if _chained(sweep):
+        budget = ", ".join(f"{arm} {'epochs' if n is None else n}" for arm, n in arm_steps(sweep).items())
+        lines += ["", f"Training steps per arm, counting the runs an arm starts from (model.init_from=@arm): {budget}."]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 

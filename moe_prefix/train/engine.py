@@ -77,12 +77,16 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     if init_from and not (Path(init_from) / rd.WEIGHTS_FILE).is_file():
         raise ConfigError(f"model.init_from={init_from!r} is not a finished run directory (no {rd.WEIGHTS_FILE})")
     built = task.build(cfg)
+    upcycle = cfg.model.method == "prefix" and cfg.prefix.expert_init == "upcycle"
     if init_from and not resume:  # starts from another run's trained weights (e.g. SFT, then prefix_rft)
-        rd.load_weights(init_from, built.network, cfg)
+        if upcycle:  # a one-expert run's prefix becomes every expert; the router starts fresh below
+            rd.upcycle_weights(init_from, built.network, cfg)
+        else:
+            rd.load_weights(init_from, built.network, cfg)
     rd.create(cfg, run_dir)  # the data and the backbone loaded: nothing is written for a failed check
     mixture = built.network.mixture
-    if mixture is not None and not resume and not init_from:  # a resumed run loads these from its checkpoint
-        if cfg.prefix.init == "tokens":
+    if mixture is not None and not resume and (not init_from or upcycle):  # a resumed run has them in its checkpoint
+        if cfg.prefix.init == "tokens" and not upcycle:
             batch = built.data.first_training_batch(task.INIT_SEQUENCES)
             mixture.init_from_text(batch["input_ids"], batch["attention_mask"], seed=cfg.seed)
         if cfg.prefix.router_init == "kmeans":

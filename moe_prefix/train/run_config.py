@@ -337,6 +337,11 @@ def _check_cross(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.objective={cfg.optim.objective} needs model.task=generation (classification: sft)")
     if cfg.prefix.router_input == "group" and cfg.data.group_column is None:
         raise ConfigError("prefix.router_input=group needs data.group_column (the column holding group ids)")
+    if cfg.model.method == "prefix" and cfg.prefix.expert_init == "upcycle" and not cfg.model.init_from:
+        raise ConfigError(
+            "prefix.expert_init=upcycle copies a trained one-expert prefix into every expert: set model.init_from "
+            "to that run's directory (in a sweep: model.init_from=@arm)"
+        )
 
 
 def check_sources(cfg: RunConfig) -> None:

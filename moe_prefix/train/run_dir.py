@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moe_prefix.analysis.routing_stats import RoutingTable
+from moe_prefix.bank import PrefixBank
 
 from .checkpointing import check_compatible
 from .networks import trainable_state_dict
@@ -140,6 +141,50 @@ def load_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
     weights = load_file(str(path))
     check_compatible(weights, trainable_state_dict(network), saved_backbone, cfg.model.backbone)
     network.load_state_dict(weights, strict=False)
+
+
+def upcycle_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
+    """prefix.expert_init=upcycle: start every expert of `network` from the one-expert prefix of a finished run.
+
+    The experts get that prefix plus seeded noise (`PrefixBank.upcycle`), its shared part and everything else that
+    trained (a task head, train_modules) are copied as they are; the router and length head stay as built, so they
+    start as the run's recipe says (k-means, when router_init asks for it, runs after this).
+    """
+    source_cfg = read_config(run_dir)
+    if source_cfg.model.method != "prefix" or source_cfg.prefix.num_experts != 1:
+        raise ConfigError(
+            f"prefix.expert_init=upcycle needs model.init_from to be a one-expert prefix run; {run_dir} has "
+            f"method={source_cfg.model.method}, num_experts={source_cfg.prefix.num_experts}"
+        )
+    for key in ("prefix_len", "shared_len"):
+        if getattr(source_cfg.prefix, key) != getattr(cfg.prefix, key):
+            raise ConfigError(
+                f"prefix.{key}={getattr(cfg.prefix, key)} but the upcycled run {run_dir} has "
+                f"{getattr(source_cfg.prefix, key)}: each expert copies its prefix, so they must match"
+            )
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {WEIGHTS_FILE}: the run did not finish")
+    weights = load_file(str(path))
+    mixture = network.mixture
+    name = next(n for n, m in network.named_modules() if m is mixture)
+    source = PrefixBank(source_cfg.prefix, mixture.dims)  # reparameterised or not, as the source trained
+    source.load_state_dict(_under(weights, f"{name}.bank"))
+    mixture.bank.upcycle(source.tensor()[0].detach(), cfg.prefix.upcycle_noise, seed=cfg.seed)
+    if mixture.shared is not None:
+        shared = PrefixBank(source_cfg.prefix, mixture.dims, shared=True)
+        shared.load_state_dict(_under(weights, f"{name}.shared"))
+        mixture.shared.set_from_activations(shared.tensor().detach())
+    # Everything else that trained (head, train_modules): not the source's prefix, router or length head.
+    rest = {k: v for k, v in weights.items() if not k.startswith(f"{name}.") or k.startswith(f"{name}.backbone.")}
+    expected = {k: v for k, v in trainable_state_dict(network).items() if k in rest or not k.startswith(f"{name}.")}
+    check_compatible(rest, expected, source_cfg.model.backbone, cfg.model.backbone)
+    network.load_state_dict(rest, strict=False)
+
+
+def _under(weights: dict, name: str) -> dict:
+    """The entries of `weights` below module `name`, with that prefix removed."""
+    return {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(f"{name}.")}
 
 
 def read_routing_table(run_dir: str | Path) -> RoutingTable:
