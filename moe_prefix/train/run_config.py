@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from moe_prefix.config import PrefixConfig
 
 TASKS = ("classification", "generation")
@@ -298,6 +296,8 @@ def check_loggers(value: Any) -> list[str]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML file <- `key=value` overrides, checked; raises ConfigError on any problem."""
+    from omegaconf import OmegaConf  # here, not at the top: `moe-prefix --help` does without it
+
     layers = []
     if path is not None:
         path = Path(path)
@@ -381,6 +381,8 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from omegaconf import OmegaConf
+
     OmegaConf.save(OmegaConf.create(to_dict(cfg)), path)
 
 
