@@ -272,7 +272,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_transformers():
         "        assert exit.code in (0, 2), (argv, exit.code)\n"
         "    else:\n"
         "        raise AssertionError(argv)\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'numpy') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'numpy', 'omegaconf') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
