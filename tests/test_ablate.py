@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_run_overrides
+from omegaconf import OmegaConf
 from scipy.stats import binomtest, permutation_test
 
 from moe_prefix.analysis.stats import holm
 from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.engine import fit
-from moe_prefix.train.run_config import ConfigError, load_config
+from moe_prefix.train.run_config import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,3 +340,43 @@ def test_every_shipped_sweep_file_loads(sweep_file):
     """load_sweep builds every arm's config, so a sweep that a change of its base config broke (router_input.yaml
     once asked for oracle routing under the k-means initialisation configs/moe4.yaml adopted) fails here."""
     assert load_sweep(sweep_file).arms
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+COMMITTED_STUDIES = sorted(
+    p for p in (ROOT / "docs" / "studies").iterdir() if (ROOT / "configs" / "ablations" / f"{p.name}.yaml").is_file()
+)
+
+
+@pytest.mark.parametrize("study", COMMITTED_STUDIES, ids=lambda p: p.name)
+def test_committed_studies_still_resolve_to_the_configs_they_ran(study):
+    """Library defaults move (issue 24 made the router recipe the default); a sweep file pins what its committed
+    runs had, so running it again reproduces them. Paths and the run's own name may differ; seeds are checked."""
+    sweep = load_sweep(ROOT / "configs" / "ablations" / f"{study.name}.yaml")
+    own = ("run_dir", "name", "model.init_from", "seed")
+    resolved: dict[str, dict] = {}  # one config per arm: the seeds' configs differ only in what `own` names
+    checked = 0
+    for run in plan(sweep, study):
+        saved = run.run_dir / "config.yaml"
+        if not saved.is_file():
+            continue
+        if run.arm not in resolved:
+            resolved[run.arm] = _flat(to_dict(load_config(sweep.base, run.overrides)))
+        ran, now = _flat(OmegaConf.to_container(OmegaConf.load(saved))), resolved[run.arm]
+        differ = {
+            k: (ran[k], now[k])
+            for k in ran
+            if k in now
+            and k not in own
+            and ran[k] != now[k]
+            and not (isinstance(now[k], tuple) and list(now[k]) == ran[k])
+        }
+        assert not differ and ran["seed"] == run.seed, f"{run.arm} seed {run.seed}: {differ}"
+        checked += 1
+    assert checked

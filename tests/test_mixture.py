@@ -18,7 +18,7 @@ def _spread_router(mixture, std=3.0, seed=0):
 def test_dynamic_length_equals_static_prefix_truncated():
     torch.manual_seed(0)
     ids, mask = batch(pad_side="right")
-    cfg = PrefixConfig(num_experts=2, prefix_len=6, top_k=1, length="learned", init_std=1.0)
+    cfg = PrefixConfig(num_experts=2, prefix_len=6, top_k=1, length="learned", init_std=1.0, router_init="random")
     mixture = attach(tiny_bert(), cfg).eval()
     with torch.no_grad():
         mixture.length.head[1].weight.normal_(std=2.0)  # lengths differ between examples
