@@ -172,27 +172,32 @@ class _Timer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-_QUIETED = []
+# Warnings that say nothing a user can act on: (message pattern, category).
+_IGNORED_WARNINGS = (
+    # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers).
+    (r"Found \d+ module\(s\) in eval mode", Warning),
+    # Raised inside Lightning's own use of torch's pytree helpers, not by anything a run configures.
+    (r".*LeafSpec.*is deprecated", FutureWarning),
+    (r".*LeafSpec.*is deprecated", DeprecationWarning),
+    # A resumed run reopens its own checkpoint folder, and our sampler skips what the run already saw
+    # (datamodule.EpochSampler), which Lightning cannot know: both warnings describe a problem we do not have.
+    (r"Checkpoint directory .* exists and is not empty", Warning),
+    (r"You're resuming from a checkpoint that ended before the epoch ended", Warning),
+    # On resume the old metrics.csv is set aside first and merged back afterwards (_merge_logs).
+    (r"Experiment logs directory .* exists and is not empty", Warning),
+    # The default of Lightning's worker advice assumes a GPU box; data.num_workers is documented.
+    (r".*does not have many workers which may be a bottleneck", Warning),
+)
 
 
 def _quiet_lightning() -> None:
     """Silence what a user cannot act on; warnings about their run (truncation, collapse) stay."""
-    if _QUIETED:  # once: each change to the warning filters lets every warning already shown show again
-        return
-    _QUIETED.append(True)
-    # The frozen backbone stays in eval mode on purpose (no dropout in frozen layers).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # Raised inside Lightning's own use of torch's pytree helpers, not by anything a run configures.
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=DeprecationWarning)
-    # A resumed run reopens its own checkpoint folder, and our sampler skips what the run already saw
-    # (datamodule.EpochSampler), which Lightning cannot know: both warnings describe a problem we do not have.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    # On resume the old metrics.csv is set aside first and merged back afterwards (_merge_logs).
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    # The default of Lightning's worker advice assumes a GPU box; data.num_workers is documented.
-    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    present = {(f[1].pattern, f[2]) for f in warnings.filters if f[0] == "ignore" and f[1] is not None}
+    for message, category in _IGNORED_WARNINGS:
+        # Only what is missing: any change to the filters lets every warning already shown show again (each
+        # fit makes two Trainers, and a routing collapse warned about once would be printed twice).
+        if (message, category) not in present:
+            warnings.filterwarnings("ignore", message=message, category=category)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoNoise) for f in logger.filters):
