@@ -15,6 +15,7 @@ that cannot be written (a full disk), and a data-parallel process lost (killed, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -22,6 +23,7 @@ import logging
 import math
 import re
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -218,6 +220,20 @@ class _InterruptCheckpoint(Checkpoint):
         trainer.strategy.remove_checkpoint(self.path)
 
 
+class _OwnPeerLoss(Callback):
+    """CPU DDP: process 0 reports a lost process itself, so Lightning's watcher of the processes it started
+    must not SIGKILL it first (it does within 5 s of a child's death, leaving no word of what happened).
+
+    gloo's closed connection (a killed process) and ddp_timeout_s (a hung one) stop process 0 instead, and
+    `_train` then stops the remaining children. Lightning names the watcher thread; emptying its list ends it.
+    """
+
+    def setup(self, trainer, pl_module, stage):
+        for thread in threading.enumerate():
+            if thread.name == "child-process-observer" and hasattr(thread, "_child_processes"):
+                thread._child_processes = []
+
+
 class _Timer(Callback):
     """Wall time of training proper (excludes loading and the final evaluation)."""
 
@@ -301,6 +317,7 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
     """Lightning's fit with checkpoints, logs and resume; the run statistics, or None off process 0."""
     ckpt_dir = run_dir / rd.CHECKPOINT_DIR
     timer = _Timer()
+    strategy = _strategy(cfg)
     callbacks = [
         ModelCheckpoint(
             dirpath=str(ckpt_dir),
@@ -313,9 +330,10 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         _InterruptCheckpoint(ckpt_dir / INTERRUPT_CHECKPOINT),
         timer,
         *_gpu_progress_bar(cfg),
+        *([_OwnPeerLoss()] if strategy else []),
     ]
     trainer = _trainer(
-        **{**cfg.trainer, **_strategy(cfg)},
+        **{**cfg.trainer, **strategy},
         default_root_dir=str(run_dir),
         logger=_loggers(run_dir),
         callbacks=callbacks,
@@ -342,6 +360,9 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         kill = getattr(trainer.strategy.launcher, "kill", None)
         if trainer.global_rank == 0 and kill is not None:
             kill(signal.SIGKILL)
+        if torch.distributed.is_initialized():  # else the broken group's teardown holds the exit for seconds
+            with contextlib.suppress(RuntimeError):
+                torch.distributed.destroy_process_group()
         failure = _peer_failure(err, trainer.global_rank, trainer.world_size, cfg.ddp_timeout_s)
         raise RunStoppedError(f"run stopped: {failure}; {_resume_hint(run_dir)}") from err
     if not trainer.is_global_zero:
