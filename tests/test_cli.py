@@ -290,6 +290,7 @@ def _fill_disk_at(monkeypatch, target: str, nth: int = 1) -> list[str]:
     return failed
 
 
+@pytest.mark.slow  # three whole fits each
 @pytest.mark.parametrize(
     "target,nth,kept",
     [("step=", 2, "last.ckpt (step 4)"), ("metrics.json", 1, "last.ckpt (step 12)")],
