@@ -191,7 +191,7 @@ def test_a_run_stopped_by_a_full_disk_is_reported_in_the_summary_and_resumed_nex
     stopped = plan(sweep, tmp_path)[1].run_dir
     line = (
         f"error: run stopped: writing {stopped}/checkpoints/step=100.ckpt failed (No space left on device); the "
-        f"last good checkpoint {stopped}/checkpoints/last.ckpt (step 50) is intact; free some space, then "
+        f"last good checkpoint, {stopped}/checkpoints/last.ckpt (step 50), is intact; free some space, then "
         f"continue with: moe-prefix fit --resume {stopped}"
     )
     calls = []

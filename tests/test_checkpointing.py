@@ -143,3 +143,17 @@ def test_weights_for_another_backbone_name_both():
     here = {"body.bank.kv": torch.zeros(4, 30, 2, 3, 16, 64)}
     with pytest.raises(CheckpointError, match="saved for backbone 'minilm' do not fit backbone 'smollm2-135m'"):
         check_compatible(saved, here, "minilm", "smollm2-135m")
+
+
+def test_stopped_run_names_the_earlier_checkpoint_whose_rewrite_failed(tmp_path):
+    from moe_prefix.train.engine import _resume_hint
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    save_checkpoint_file(_checkpoint(), ckpt)
+    err = OSError(errno.ENOSPC, "No space left on device", str(ckpt))
+    assert _resume_hint(tmp_path, err) == (
+        f"the last good checkpoint, the earlier {ckpt} (step 17), is intact; free some space, then continue with: "
+        f"moe-prefix fit --resume {tmp_path}"
+    )
+    assert _resume_hint(tmp_path / "elsewhere") == "nothing was trained yet; start the run again"

@@ -315,7 +315,7 @@ def test_full_disk_stops_in_one_line_and_resume_ends_like_an_undisturbed_run(
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: run stopped: writing {Path(failed[0]).parent / final_name} failed (No space left on device); "
-        f"the last good checkpoint {run / 'checkpoints' / kept} is intact; free some space, then continue with: "
+        f"the last good checkpoint, {run / 'checkpoints' / kept}, is intact; free some space, then continue with: "
         f"moe-prefix fit --resume {run}"
     ], output
     assert_clean_failure(code, output, "error: run stopped")

@@ -209,7 +209,7 @@ def test_ddp_run_that_loses_its_second_process_stops_in_one_line_and_resumes(tin
     assert len(errors) == 1, out
     assert re.fullmatch(
         r"error: run stopped: data-parallel process 1 of 2 stopped \(its connection closed: killed or crashed\); "
-        rf"the last good checkpoint {re.escape(str(run))}/checkpoints/last\.ckpt \(step \d+\) is intact; "
+        rf"the last good checkpoint, {re.escape(str(run))}/checkpoints/last\.ckpt \(step \d+\), is intact; "
         rf"continue with: moe-prefix fit --resume {re.escape(str(run))}",
         errors[0],
     ), errors[0]

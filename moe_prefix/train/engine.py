@@ -140,7 +140,8 @@ def _resume_hint(run_dir: Path, err: BaseException | None = None) -> str:
     ckpt = _latest_checkpoint(run_dir / rd.CHECKPOINT_DIR)
     step = checkpoint_step(ckpt) if ckpt else None
     at = f" (step {step})" if step is not None else ""
-    kept = f"the last good checkpoint {ckpt}{at} is intact" if ckpt else "no checkpoint had been saved yet"
+    earlier = "the earlier " if ckpt and getattr(err, "filename", None) == ckpt else ""  # its rewrite failed
+    kept = f"the last good checkpoint, {earlier}{ckpt}{at}, is intact" if ckpt else "no checkpoint had been saved yet"
     full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
     return f"{kept}; {'free some space, then ' if full else ''}continue with: moe-prefix fit --resume {run_dir}"
 
