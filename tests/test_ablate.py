@@ -185,6 +185,43 @@ def test_runs_start_the_installed_package_with_the_callers_environment(tmp_path,
         assert "HF_HUB_OFFLINE" not in (os.environ if env is None else env)
 
 
+def test_a_run_stopped_by_a_full_disk_is_reported_in_the_summary_and_resumed_next_time(tmp_path, monkeypatch, capsys):
+    """The run's one-line error (what `fit` prints on a full disk) reaches the sweep's summary; the next
+    invocation continues that run with --resume and the summary no longer lists it."""
+    sweep = sweep_from_grid(None, ["prefix.top_k=1,2"], [0], [])
+    stopped = plan(sweep, tmp_path)[1].run_dir
+    line = (
+        f"error: run stopped: writing {stopped}/checkpoints/step=100.ckpt failed (No space left on device); the "
+        f"last good checkpoint, {stopped}/checkpoints/last.ckpt (step 50), is intact; free some space, then "
+        f"continue with: moe-prefix fit --resume {stopped}"
+    )
+    calls = []
+
+    def fake_run(cmd, stdout=None, **kwargs):
+        calls.append(cmd)
+        resume = "--resume" in cmd
+        run_dir = Path(cmd[-1] if resume else next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        stdout.write("some progress\n")
+        if run_dir == stopped and not resume:
+            (run_dir / rd.CHECKPOINT_DIR).mkdir(parents=True)
+            (run_dir / rd.CHECKPOINT_DIR / "last.ckpt").touch()
+            stdout.write(line + "\n")
+            return subprocess.CompletedProcess(cmd, 2)
+        (run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/acc": 0.5, "trainable_params": 1}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", fake_run)
+    summary = run_sweep(sweep, tmp_path).read_text()
+    assert f"| prefix.top_k=2 | 0 | {line} |" in summary, summary
+    assert f"prefix.top_k=2/seed0: {line}" in capsys.readouterr().err
+    assert "next invocation" in summary
+
+    calls.clear()
+    summary = run_sweep(sweep, tmp_path).read_text()
+    assert calls == [[sys.executable, "-m", "moe_prefix.tools", "fit", "--resume", str(stopped)]]
+    assert "failed" not in summary and "| prefix.top_k=2 | 1 |" in summary
+
+
 def _sweep_file(folder: Path, base: str) -> Path:
     (folder / "configs" / "ablations").mkdir(parents=True)
     (folder / "configs" / "base.yaml").write_text("seed: 7\n")

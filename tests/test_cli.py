@@ -1,6 +1,7 @@
 """The `moe-prefix` command: its subcommands, and bad input as one line naming the problem, exit code 2,
 never a traceback."""
 
+import errno
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 from conftest import poison_loss_from_step, tiny_run_overrides, write_reviews_csv
 
 from moe_prefix.tools.cli import COMMANDS, main
+from moe_prefix.train.checkpointing import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -389,3 +391,79 @@ def test_a_fit_prints_no_lightning_noise_and_ends_with_the_summary_block(tiny_ba
     ], proc.stdout
     assert "(cinema " in block[0] and block[3] == f"dead experts: {dead} of 2"
     assert block[-1] == f"run directory: {run}"
+
+
+def _fill_disk_at(monkeypatch, target: str, nth: int = 1) -> list[str]:
+    """The nth write of a file named `target` (a checkpoint or a run file) fills its first bytes, then fails
+    with ENOSPC, as on a full disk; returns the names it failed on."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from moe_prefix.train import checkpointing
+
+    failed, seen = [], []
+    real_save_file, real_write_text = checkpointing.save_file, Path.write_text
+
+    def full(name: str) -> bool:
+        seen.append(name)
+        return target in name and sum(target in n for n in seen) == nth and not failed
+
+    def save_file(tensors, filename, metadata=None):
+        if not full(filename):
+            return real_save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(safetensors_bytes(tensors, metadata=metadata)[:100])
+        failed.append(filename)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_text(self, text, *args, **kwargs):
+        if not full(str(self)):
+            return real_write_text(self, text, *args, **kwargs)
+        real_write_text(self, text[:10])
+        failed.append(str(self))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "save_file", save_file)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    return failed
+
+
+@pytest.mark.slow  # three whole fits each
+@pytest.mark.parametrize(
+    "target,nth,kept",
+    [("step=", 2, "last.ckpt (step 4)"), ("metrics.json", 1, "last.ckpt (step 12)")],
+    ids=["checkpoint", "run-file"],
+)
+def test_full_disk_stops_in_one_line_and_resume_ends_like_an_undisturbed_run(
+    tiny_backbone_dir, reviews_csv, tmp_path, capsys, monkeypatch, target, nth, kept
+):
+    """A checkpoint (the second, step 8) or metrics.json cannot be written: one line naming the file, the
+    intact checkpoint and the --resume command; no partial file under a final name; --resume then ends with
+    the metrics of a run that was never disturbed."""
+    extra = {"trainer.max_steps": 12, "checkpoint_every_n_steps": 4}
+    assert run_fit(tiny_run_overrides(tiny_backbone_dir, reviews_csv, tmp_path / "ref", **extra), capsys)[0] == 0
+    want = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        failed = _fill_disk_at(patch, target, nth)
+        code, output = run_fit(tiny_run_overrides(tiny_backbone_dir, reviews_csv, run, **extra), capsys)
+    assert len(failed) == 1, failed
+    final_name = Path(failed[0]).name.removeprefix(".").rsplit(".tmp-", 1)[0]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: run stopped: writing {Path(failed[0]).parent / final_name} failed (No space left on device); "
+        f"the last good checkpoint, {run / 'checkpoints' / kept}, is intact; free some space, then continue with: "
+        f"moe-prefix fit --resume {run}"
+    ], output
+    assert_clean_failure(code, output, "error: run stopped")
+    assert not (run / "metrics.json").exists()
+    assert not (Path(failed[0]).parent / final_name).exists()  # no partial file under the final name
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]  # nor a hidden one left behind
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        load_checkpoint_file(ckpt)  # all intact
+
+    code, output = run_fit(["--resume", run], capsys)
+    assert code == 0, output
+    got = json.loads((run / "metrics.json").read_text())
+    for key in ("val/acc", "val/loss", "val/f1"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["steps"] == want["steps"] == 12

@@ -28,7 +28,7 @@ def test_dynamic_length_equals_static_prefix_truncated():
     assert len(set(lengths.tolist())) > 1, lengths
     # At evaluation attention receives only the batch's longest prefix.
     assert state.kv.shape[-2] == lengths.max().item()
-    static = attach(tiny_bert(), PrefixConfig(num_experts=2, prefix_len=6, top_k=1))
+    static = attach(tiny_bert(), PrefixConfig(num_experts=2, prefix_len=6, top_k=1, router_init="random"))
     static.bank.set_from_activations(mixture.bank.tensor())
     static.router.load_state_dict(mixture.router.state_dict())
     static.eval()

@@ -239,12 +239,28 @@ def test_balance_loss_is_inert_under_balanced_routing_unless_it_counts_the_route
         out.balance_loss.backward()
         return out.balance_loss.detach(), router.proj.weight.grad
 
-    inert, inert_grad = balance(balanced_routing=True)
+    inert, inert_grad = balance(balanced_routing=True, balance_free_choices=False)
     assert inert.item() == pytest.approx(1.0, abs=1e-6) and inert_grad.abs().max() < 1e-6
     free, free_grad = balance(balanced_routing=True, balance_free_choices=True)
-    plain, plain_grad = balance()
+    plain, plain_grad = balance(balanced_routing=False, balance_free_choices=False)
     assert free.item() > 1.2 and free_grad.abs().max() > 1e-3
     torch.testing.assert_close(free, plain)
     torch.testing.assert_close(free_grad, plain_grad)
-    with pytest.raises(ValueError, match="set prefix.balanced_routing=true too"):
-        PrefixConfig(balance_free_choices=True)
+    # Without balanced routing the loss counts the router's own choices anyway: the option changes nothing.
+    alone, alone_grad = balance(balanced_routing=False, balance_free_choices=True)
+    torch.testing.assert_close(alone, plain)
+    torch.testing.assert_close(alone_grad, plain_grad)
+
+
+def test_defaults_are_the_recipe_and_fall_back_where_kmeans_has_nothing_to_cluster():
+    cfg = PrefixConfig()
+    assert (cfg.router_init, cfg.balanced_routing, cfg.balance_free_choices, cfg.balance_coef) == (
+        "kmeans",
+        True,
+        True,
+        0.1,
+    )
+    assert PrefixConfig(num_experts=1, top_k=1).router_init == "random"
+    assert PrefixConfig(router_input="group", num_groups=3).router_init == "random"
+    with pytest.raises(ValueError, match="router_input=group use random"):
+        PrefixConfig(router_input="group", num_groups=3, router_init="kmeans")

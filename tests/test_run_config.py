@@ -32,6 +32,7 @@ def test_repo_configs_load():
         (["data.val_fraction=1.5"], "data.val_fraction"),
         (["model.method=adapter"], "model.method='adapter' is not one of"),
         (["top_k"], "must look like key=value"),
+        (["ddp_timeout_s=0"], "ddp_timeout_s=0.0 must be > 0"),
     ],
 )
 def test_bad_config_fails_naming_the_key(overrides, message):
@@ -42,3 +43,29 @@ def test_bad_config_fails_naming_the_key(overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides,start_method,timeout_s",
+    [
+        (["trainer.strategy=ddp", "trainer.devices=2"], "popen", 300),
+        (["trainer.strategy=ddp_spawn", "trainer.devices=2", "ddp_timeout_s=20"], "spawn", 20),
+        (["trainer.strategy=auto"], None, None),
+        (["trainer.strategy=ddp", "trainer.accelerator=gpu"], None, None),  # NCCL keeps Lightning's own
+    ],
+)
+def test_cpu_ddp_gets_the_configured_collective_timeout(overrides, start_method, timeout_s):
+    """Lightning's default is 30 minutes: a hung gloo peer would hold the job that long."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from moe_prefix.train.engine import _strategy
+
+    given = _strategy(load_config(None, overrides))
+    if start_method is None:
+        assert given == {}
+        return
+    strategy = given["strategy"]
+    assert type(strategy) is DDPStrategy and strategy._start_method == start_method
+    assert strategy._timeout == timedelta(seconds=timeout_s)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,50 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tiny_backb
     m1 = json.loads((tmp_path / "one/metrics.json").read_text())
     m2 = json.loads((tmp_path / "two/metrics.json").read_text())
     assert m1["val/loss"] == pytest.approx(m2["val/loss"], abs=1e-5)
+
+
+def test_ddp_run_that_loses_its_second_process_stops_in_one_line_and_resumes(tiny_backbone_dir, tmp_path):
+    """gloo on CPU, 2 processes; process 1 is killed mid-run: process 0 ends soon with one line naming the
+    lost process, the intact checkpoint and the --resume command; the resumed run ends like an undisturbed one."""
+    import psutil
+
+    data = write_reviews_csv(tmp_path / "reviews.csv")
+    extra = {"trainer.max_steps": 60, "checkpoint_every_n_steps": 10, "prefix.num_experts": 3}
+    ddp = {"trainer.strategy": "ddp", "trainer.devices": 2, "data.batch_size": 8}
+    reference = _fit_process(tiny_run_overrides(tiny_backbone_dir, data, tmp_path / "ref", **extra, **ddp))
+    out = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, out
+    want = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+
+    run = tmp_path / "run"
+    proc = _fit_process(tiny_run_overrides(tiny_backbone_dir, data, run, **extra, **ddp))
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step=20.ckpt").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()
+        time.sleep(0.02)
+    (second,) = psutil.Process(proc.pid).children()  # Lightning starts process 1 as a child of process 0
+    second.kill()
+    killed_at = time.time()
+    out = proc.communicate(timeout=120)[0]
+    took = time.time() - killed_at
+    assert proc.returncode == 2, out
+    assert took < 30, f"process 0 took {took:.1f} s to stop"
+    assert "Traceback" not in out and not (run / "metrics.json").exists()
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert re.fullmatch(
+        r"error: run stopped: data-parallel process 1 of 2 stopped \(its connection closed: killed or crashed\); "
+        rf"the last good checkpoint, {re.escape(str(run))}/checkpoints/last\.ckpt \(step \d+\), is intact; "
+        rf"continue with: moe-prefix fit --resume {re.escape(str(run))}",
+        errors[0],
+    ), errors[0]
+    assert not (run / "checkpoints" / "interrupted.ckpt").exists()  # nothing saved mid-step
+    print(f"process 0 stopped {took:.1f} s after process 1 was killed")  # shown with -s
+
+    resumed = _fit_process(["--resume", str(run)])
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    got = json.loads((run / "metrics.json").read_text())
+    for key in ("val/acc", "val/loss", "val/f1"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["steps"] == want["steps"] == 60

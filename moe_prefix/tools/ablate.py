@@ -2,8 +2,9 @@
 
 Each run is `python -m moe_prefix.tools fit` in its own process (memory is returned after every run, N workers
 run side by side, and no source checkout is needed). A run whose directory holds metrics.json is done and
-skipped; one with checkpoints is resumed; so a killed sweep restarts where it stopped. The summary compares
-every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split): on
+skipped; one with checkpoints is resumed; so a killed sweep restarts where it stopped (a run that failed, on a
+full disk say, is listed in the summary with its one-line error, and the next invocation resumes it). The summary
+compares every arm with a reference arm on matched seeds (same seed: same initialisation, data order and split): on
 the seeds' metrics (a sign-flip test, at most 2**seeds outcomes) and on the validation examples of all
 matched seeds together (McNemar's exact test, which can decide with few seeds where the first cannot).
 
@@ -236,16 +237,30 @@ def fit_argv(run: Run, base: str | Path | None, resume: bool) -> list[str]:
     return [*fit, *(["--config", str(base)] if base else []), *run.overrides]
 
 
-def _execute(run: Run, base: str | Path | None, log) -> int:
+def _execute(run: Run, base: str | Path | None, log) -> tuple[int, str]:
     """One run in its own process (with the sweep's environment); resumes when an earlier attempt left
-    checkpoints."""
+    checkpoints. Returns the exit code and, for a failed run, why (its one-line error, else the code)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     resume = rd.has_checkpoints(run.run_dir)
     log(f"{'resume' if resume else 'start'} {run.arm} seed {run.seed}")
-    with open(run.run_dir / "fit.log", "a") as out:
+    log_file = run.run_dir / "fit.log"
+    with open(log_file, "a") as out:
+        start = out.tell()
         proc = subprocess.run(fit_argv(run, base, resume), stdout=out, stderr=subprocess.STDOUT)
-    log(f"{'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'} {run.arm} seed {run.seed}")
-    return proc.returncode
+    if proc.returncode == 0:
+        log(f"done {run.arm} seed {run.seed}")
+        return 0, ""
+    why = _error_line(log_file, start) or f"exit code {proc.returncode} (see {log_file})"
+    log(f"FAILED ({proc.returncode}) {run.arm} seed {run.seed}: {why}")
+    return proc.returncode, why
+
+
+def _error_line(log_file: Path, start: int) -> str | None:
+    """The last `error: ...` line this attempt wrote to the run's log (the command's one-line errors)."""
+    with open(log_file, errors="replace") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f if line.startswith("error: ")]
+    return lines[-1] if lines else None
 
 
 def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
@@ -269,21 +284,22 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
         # Runs start in plan order, so a run's `@arm` dependency has started (or finished) before it waits.
         futures: dict[tuple[str, int], Future] = {}
 
-        def execute(run: Run) -> int:
+        def execute(run: Run) -> tuple[int, str]:
             dependency = futures.get((run.after, run.seed))
-            if dependency is not None and dependency.result() != 0:
+            if dependency is not None and dependency.result()[0] != 0:
                 log(f"FAILED (skipped: {run.after} seed {run.seed} failed) {run.arm} seed {run.seed}")
-                return -1
+                return -1, f"not started: {run.after} seed {run.seed} failed"
             return _execute(run, sweep.base, log)
 
         for run in todo:
             futures[run.arm, run.seed] = pool.submit(execute, run)
-        codes = [futures[r.arm, r.seed].result() for r in todo]
-    failed = [r for r, c in zip(todo, codes, strict=True) if c != 0]
+        results = [futures[r.arm, r.seed].result() for r in todo]
+    failed = {(r.arm, r.seed): why for r, (code, why) in zip(todo, results, strict=True) if code != 0}
     if failed:
-        names = ", ".join(f"{r.arm}/seed{r.seed}" for r in failed)
-        print(f"{len(failed)} run(s) failed: {names} (see fit.log in their folders)", file=sys.stderr)
-    return summarise(sweep, out_dir)
+        print(f"{len(failed)} run(s) failed (the next invocation resumes them):", file=sys.stderr)
+        for (arm, seed), why in failed.items():
+            print(f"  {arm}/seed{seed}: {why}", file=sys.stderr)
+    return summarise(sweep, out_dir, failed)
 
 
 def _correct_by_id(run_dir: Path) -> dict[str, bool] | None:
@@ -317,8 +333,11 @@ def example_level_test(pairs: list[tuple[Path, Path]]) -> tuple[int, McNemarResu
     return len(arm_right), mcnemar_test(arm_right, ref_right)
 
 
-def summarise(sweep: Sweep, out_dir: Path) -> Path:
-    """runs.csv (one row per run), summary.csv/.md (one row per arm and metric) and summary.png (the first)."""
+def summarise(sweep: Sweep, out_dir: Path, failed: dict[tuple[str, int], str] | None = None) -> Path:
+    """runs.csv (one row per run), summary.csv/.md (one row per arm and metric) and summary.png (the first).
+
+    failed: (arm, seed) -> why, for runs of this invocation that failed; summary.md lists them.
+    """
     runs = [r for r in plan(sweep, out_dir) if r.done]
     rows = []
     for r in runs:
@@ -348,7 +367,7 @@ def summarise(sweep: Sweep, out_dir: Path) -> Path:
         )
         for name, column in zip(sweep.metrics, ["metric", *sweep.also], strict=True)
     }
-    _write_summary(sweep, out_dir, tables)
+    _write_summary(sweep, out_dir, tables, failed or {})
     _plot(sweep, out_dir, tables[sweep.metric], rows)
     if sweep.curve:
         points = _curve(sweep, out_dir, tables[sweep.metric])
@@ -432,7 +451,9 @@ def _fmt(x, spec=".4f"):
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
-def _write_summary(sweep: Sweep, out_dir: Path, tables: dict[str, list[dict]]) -> None:
+def _write_summary(
+    sweep: Sweep, out_dir: Path, tables: dict[str, list[dict]], failed: dict[tuple[str, int], str]
+) -> None:
     keys = ["arm", "n", "mean", "ci_low", "ci_high", "diff", "p", "p_holm", "d", "trainable_params", "train_time_s"]
     keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm", "metric"]  # appended: old columns stay
     with open(out_dir / "summary.csv", "w", newline="") as f:
@@ -470,6 +491,10 @@ def _write_summary(sweep: Sweep, out_dir: Path, tables: dict[str, list[dict]]) -
     if _chained(sweep):
         budget = ", ".join(f"{arm} {'epochs' if n is None else n}" for arm, n in arm_steps(sweep).items())
         lines += ["", f"Training steps per arm, counting the runs an arm starts from (model.init_from=@arm): {budget}."]
+    if failed:
+        lines += ["", "### Runs that failed", "", "| arm | seed | why |", "|---|---|---|"]
+        lines += [f"| {arm} | {seed} | {why.replace('|', '/')} |" for (arm, seed), why in failed.items()]
+        lines += ["", "They are left out of the tables above; the next invocation of this sweep resumes them."]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -19,13 +19,15 @@ EXIT_USAGE = 2
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input, reported in one line."""
+    """Errors caused by the user's input or by the run's surroundings (a full disk, a lost process): one line."""
     from moe_prefix.train.assets import AssetError
     from moe_prefix.train.checkpointing import CheckpointError
     from moe_prefix.train.data import DataError
+    from moe_prefix.train.engine import RunStoppedError
     from moe_prefix.train.module import NonFiniteLossError
 
-    return (ConfigError, DataError, AssetError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+    errors = (ConfigError, DataError, AssetError, CheckpointError, NonFiniteLossError, RunStoppedError)
+    return (*errors, FileNotFoundError)
 
 
 def run_cli(command, *args) -> int:

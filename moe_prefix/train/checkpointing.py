@@ -3,20 +3,24 @@
 A Lightning checkpoint is a nested structure of tensors and plain values (loop counters, optimizer
 hyper-parameters). Tensors go into the safetensors body; everything else into a JSON skeleton kept in
 the file's metadata, with tags that preserve what JSON would lose (int dict keys, tuples). Loading a
-file therefore never executes code. The file is written next to its destination and renamed over it,
-so a process killed mid-save leaves the previous checkpoint intact.
+file therefore never executes code. The file is written next to its destination and renamed over it
+(`write_atomically`, which the run directory's files use too), so a process killed mid-save or a full
+disk leaves the previous checkpoint intact and no partial file under a final name.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SKELETON_KEY = "moe_prefix_skeleton"
@@ -59,16 +63,47 @@ def _decode(obj: Any, tensors) -> Any:
     return obj
 
 
-def save_checkpoint_file(checkpoint: dict, path: str | Path) -> None:
+def _os_error(err: SafetensorError, path: Path) -> OSError | None:
+    """safetensors reports an I/O failure as text ("... No space left on device (os error 28)"): an OSError
+    naming the file instead, so callers meet one kind of error for every file a run writes."""
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a hidden file next to path, flush it to disk, then rename it over path.
+
+    A failure (a full disk: ENOSPC) removes the hidden file and raises OSError naming path, which is left
+    as it was: readers never see half a file under its final name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except SafetensorError as err:
+        os_error = _os_error(err, path)
+        if os_error is None:
+            raise
+        raise os_error from err
+    except OSError as err:
+        if err.filename is None or str(err.filename) == str(tmp):  # name the caller's file, not the hidden one
+            raise OSError(err.errno or errno.EIO, err.strerror or str(err), str(path)) from err
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint_file(checkpoint: dict, path: str | Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_encode(checkpoint, tensors))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={SKELETON_KEY: skeleton})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={SKELETON_KEY: skeleton}))
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
@@ -86,6 +121,18 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if SKELETON_KEY not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a moe_prefix training checkpoint")
     return _decode(json.loads(metadata[SKELETON_KEY]), tensors)
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step a checkpoint holds, read from its header (no tensor loads); None if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            skeleton = json.loads((f.metadata() or {})[SKELETON_KEY])
+    except Exception:  # any unreadable file: the caller only names the step when it can
+        return None
+    top = dict(pair for pair in skeleton.get("__dict__", []) if isinstance(pair[0], str))
+    step = top.get("global_step")
+    return step if isinstance(step, int) else None
 
 
 class SafetensorsCheckpointIO(CheckpointIO):

@@ -6,34 +6,52 @@ loop. A task (`classification`, `generation`) supplies data, network, validation
 (see `module.Task`); how a run starts, trains, checkpoints, resumes, validates and writes its files is
 the same for both and lives here. Every check (config, sources, data, backbone) runs before anything is
 written to disk.
+
+Two faults from outside the run stop it with `RunStoppedError`, one line that names what happened, the
+checkpoint a `--resume` continues from (intact: checkpoints are written atomically) and the command: a file
+that cannot be written (a full disk), and a data-parallel process lost (killed, crashed, or silent for
+`ddp_timeout_s`, the collective timeout set on CPU runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
 import logging
 import math
+import re
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from . import classification, generation, trackers
 from . import run_dir as rd
-from .checkpointing import SafetensorsCheckpointIO
+from .checkpointing import SafetensorsCheckpointIO, checkpoint_step
 from .module import Built, NonFiniteLossError, PrefixTrainingModule, Task
 from .run_config import ConfigError, RunConfig, check_sources, resolved_loggers
 
 INTERRUPT_CHECKPOINT = "interrupted.ckpt"  # written on Ctrl-C or a crash, next to Lightning's last.ckpt
 KMEANS_SAMPLE = 2048  # training inputs whose router features k-means clusters (prefix.router_init=kmeans)
 TASKS: dict[str, Task] = {"classification": classification, "generation": generation}
+# How gloo words a collective whose peer died (its socket closed) or hung (past the collective timeout).
+PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|[Tt]imed out|timeout")
+
+
+class RunStoppedError(RuntimeError):
+    """A run stopped by its surroundings (a full disk, a lost data-parallel process); --resume continues it."""
 
 
 @dataclass
@@ -76,6 +94,8 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
     init_from = cfg.model.init_from
     if init_from and not (Path(init_from) / rd.WEIGHTS_FILE).is_file():
         raise ConfigError(f"model.init_from={init_from!r} is not a finished run directory (no {rd.WEIGHTS_FILE})")
+    # A --resume that finds no checkpoint (the run stopped before its first) starts the run as a fresh one would.
+    resume = resume and _latest_checkpoint(run_dir / rd.CHECKPOINT_DIR) is not None
     built = task.build(cfg)
     upcycle = cfg.model.method == "prefix" and cfg.prefix.expert_init == "upcycle"
     if init_from and not resume:  # starts from another run's trained weights (e.g. SFT, then prefix_rft)
@@ -83,8 +103,18 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
             rd.upcycle_weights(init_from, built.network, cfg)
         else:
             rd.load_weights(init_from, built.network, cfg)
+    try:
+        return _fit_built(cfg, task, built, run_dir, resume, upcycle, logger_names)
+    except OSError as err:  # every check has passed: the file system failed (ENOSPC: a full disk)
+        raise RunStoppedError(f"run stopped: {_os_failure(err, run_dir)}; {_resume_hint(run_dir, err)}") from err
+
+
+def _fit_built(
+    cfg: RunConfig, task: Task, built: Built, run_dir: Path, resume: bool, upcycle: bool, logger_names: list[str]
+) -> FitResult:
     rd.create(cfg, run_dir)  # the data and the backbone loaded: nothing is written for a failed check
     mixture = built.network.mixture
+    init_from = cfg.model.init_from
     if mixture is not None and not resume and (not init_from or upcycle):  # a resumed run has them in its checkpoint
         if cfg.prefix.init == "tokens" and not upcycle:
             batch = built.data.first_training_batch(task.INIT_SEQUENCES)
@@ -98,11 +128,44 @@ def fit(cfg: RunConfig, resume: bool = False) -> FitResult:
         return FitResult(run_dir, {})
     metrics = {**validate(module, built.data.val_dataloader(), cfg), **stats}
     rd.write_weights(run_dir, built.network, cfg)
-    rd.write_json(run_dir / rd.METRICS_FILE, metrics)
     task.write_results(run_dir, module, built, None)
+    rd.write_json(run_dir / rd.METRICS_FILE, metrics)  # last: metrics.json marks the run finished
     final = rd.read_metrics(run_dir)
     trackers.send_final_metrics(loggers, final, stats["steps"])
     return FitResult(run_dir, final)
+
+
+def _os_failure(err: OSError, run_dir: Path) -> str:
+    """What failed: the file (a write inside Lightning's loggers may not name it) and the system's reason."""
+    return f"writing {err.filename or f'into {run_dir}'} failed ({err.strerror or err})"
+
+
+def _resume_hint(run_dir: Path, err: BaseException | None = None) -> str:
+    """The checkpoint a --resume continues from (written atomically, so intact) and the command."""
+    if not (run_dir / rd.CONFIG_FILE).is_file():
+        return "nothing was trained yet; start the run again"
+    ckpt = _latest_checkpoint(run_dir / rd.CHECKPOINT_DIR)
+    step = checkpoint_step(ckpt) if ckpt else None
+    at = f" (step {step})" if step is not None else ""
+    earlier = "the earlier " if ckpt and getattr(err, "filename", None) == ckpt else ""  # its rewrite failed
+    kept = f"the last good checkpoint, {earlier}{ckpt}{at}, is intact" if ckpt else "no checkpoint had been saved yet"
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"{kept}; {'free some space, then ' if full else ''}continue with: moe-prefix fit --resume {run_dir}"
+
+
+def _peer_lost(err: BaseException, world_size: int) -> bool:
+    """A collective failed because another process of a data-parallel run died or stopped answering."""
+    if world_size < 2 or not isinstance(err, RuntimeError):
+        return False
+    return isinstance(err, torch.distributed.DistError) or PEER_LOST.search(str(err)) is not None
+
+
+def _peer_failure(err: BaseException, rank: int, world_size: int, timeout_s: float) -> str:
+    """Which process stopped, as far as this one can tell (gloo names an address, not a rank)."""
+    who = f"process {1 - rank} of 2" if world_size == 2 else f"another of the {world_size} processes"
+    if re.search(r"[Tt]imed out|timeout", str(err)):
+        return f"data-parallel {who} stopped answering (no reply within ddp_timeout_s={timeout_s:g} s)"
+    return f"data-parallel {who} stopped (its connection closed: killed or crashed)"
 
 
 def load_run(run_dir: str | Path, cfg: RunConfig | None = None, prefix: bool = True) -> tuple[RunConfig, Built]:
@@ -154,12 +217,29 @@ class _InterruptCheckpoint(Checkpoint):
         self.path = path
 
     def on_exception(self, trainer, pl_module, exception):
-        if not isinstance(exception, NonFiniteLossError):
-            trainer.save_checkpoint(self.path)
+        # Not after a failed write (the disk is full) or a lost peer (saving waits on every process): the
+        # last periodic checkpoint stands, a state between two steps.
+        if isinstance(exception, (NonFiniteLossError, OSError)) or _peer_lost(exception, trainer.world_size):
+            return
+        trainer.save_checkpoint(self.path)
 
     def teardown(self, trainer, pl_module, stage):
         # A run that ends normally leaves no stale interrupt checkpoint for a later --resume to pick up.
         trainer.strategy.remove_checkpoint(self.path)
+
+
+class _OwnPeerLoss(Callback):
+    """CPU DDP: process 0 reports a lost process itself, so Lightning's watcher of the processes it started
+    must not SIGKILL it first (it does within 5 s of a child's death, leaving no word of what happened).
+
+    gloo's closed connection (a killed process) and ddp_timeout_s (a hung one) stop process 0 instead, and
+    `_train` then stops the remaining children. Lightning names the watcher thread; emptying its list ends it.
+    """
+
+    def setup(self, trainer, pl_module, stage):
+        for thread in threading.enumerate():
+            if thread.name == "child-process-observer" and hasattr(thread, "_child_processes"):
+                thread._child_processes = []
 
 
 class _Timer(Callback):
@@ -252,10 +332,25 @@ def _gpu_progress_bar(cfg: RunConfig) -> list[Callback]:
     return [TQDMProgressBar(refresh_rate=max(1, int(trainer.get("log_every_n_steps") or 1)))]
 
 
+def _strategy(cfg: RunConfig) -> dict:
+    """trainer.strategy=ddp (or another DDP name) on the CPU: the same strategy, with ddp_timeout_s as the
+    gloo collective timeout instead of Lightning's 30 minutes, so that a hung process stops the run soon."""
+    name = cfg.trainer.get("strategy")
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not isinstance(name, str) or name not in StrategyRegistry or not on_cpu:
+        return {}
+    entry = StrategyRegistry[name]
+    if not issubclass(entry["strategy"], DDPStrategy):
+        return {}
+    return {"strategy": entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=cfg.ddp_timeout_s))}
+
+
 def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, resume: bool, loggers) -> dict | None:
     """Lightning's fit with checkpoints, logs and resume; the run statistics, or None off process 0."""
     ckpt_dir = run_dir / rd.CHECKPOINT_DIR
     timer = _Timer()
+    strategy = _strategy(cfg)
     callbacks = [
         ModelCheckpoint(
             dirpath=str(ckpt_dir),
@@ -269,12 +364,13 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         timer,
         trackers.SendConfig(cfg, run_dir),
         *_gpu_progress_bar(cfg),
+        *([_OwnPeerLoss()] if strategy else []),
     ]
     lightning_args = {k: v for k, v in cfg.trainer.items() if k != "loggers"}  # ours, not a Trainer argument
     if lightning_args.pop("enable_model_summary", True):
         callbacks.append(_ModelSummary())
     trainer = _trainer(
-        **lightning_args,
+        **{**lightning_args, **strategy},
         enable_model_summary=False,  # Lightning's own; _ModelSummary replaces it
         default_root_dir=str(run_dir),
         logger=loggers,
@@ -286,15 +382,27 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
         _set_aside_logs(run_dir / rd.LOG_DIR)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP, process 0 alone evaluates and writes the run directory; the others are done.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     except SystemExit:  # Lightning exits after Ctrl-C, once OnExceptionCheckpoint has saved
         if (ckpt_dir / INTERRUPT_CHECKPOINT).is_file():
             print(f"interrupted; checkpoint saved. Continue with --resume {run_dir}")
             raise SystemExit(130) from None
         raise
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Under DDP, process 0 alone evaluates and writes the run directory; the others are done.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    except RuntimeError as err:
+        if not _peer_lost(err, trainer.world_size):
+            raise
+        # Process 0 started the others: a hung one would otherwise outlive the run.
+        kill = getattr(trainer.strategy.launcher, "kill", None)
+        if trainer.global_rank == 0 and kill is not None:
+            kill(signal.SIGKILL)
+        if torch.distributed.is_initialized():  # else the broken group's teardown holds the exit for seconds
+            with contextlib.suppress(RuntimeError):
+                torch.distributed.destroy_process_group()
+        failure = _peer_failure(err, trainer.global_rank, trainer.world_size, cfg.ddp_timeout_s)
+        raise RunStoppedError(f"run stopped: {failure}; {_resume_hint(run_dir)}") from err
     if not trainer.is_global_zero:
         return None
     _merge_logs(run_dir / rd.LOG_DIR)

@@ -185,6 +185,9 @@ class RunConfig:
     run_dir: str | None = None  # null: runs/<config name>-<time>
     name: str = "run"
     checkpoint_every_n_steps: int = 50  # step checkpoints for --resume (besides the end of each epoch)
+    # CPU data-parallel runs (trainer.strategy=ddp, gloo): seconds a collective waits for a peer process (also
+    # its start-up, loading included) before the run stops, resumable; Lightning's own default is 30 minutes.
+    ddp_timeout_s: float = 300.0
 
 
 # -- checking ---------------------------------------------------------------------------------------
@@ -329,6 +332,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _check_cross(cfg: RunConfig) -> None:
     """Checks that span sections."""
+    if cfg.ddp_timeout_s <= 0:
+        raise ConfigError(f"ddp_timeout_s={cfg.ddp_timeout_s} must be > 0 (seconds a collective waits for a peer)")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be at least 1 (or null for torch's default)")
     if cfg.model.task == "generation" and cfg.data.source == "vader_domains":

@@ -13,6 +13,9 @@ A fit writes (all at the top of the folder unless said otherwise):
   with their demonstration length, reward, SER and advantage;
 - `logs/metrics.csv` (and, as trainer.loggers asks, `tensorboard/`, `wandb/`, `trackers.json`), `checkpoints/`.
 
+Every file written here goes through `checkpointing.write_atomically`: a full disk leaves no half file under
+a final name. metrics.json, which marks a run finished, is written after the others.
+
 `evaluate` adds `eval-<name>.json` (and `samples-<name>.jsonl` for generation). Evaluation, analysis
 and the ablation runner read runs through `read_config`, `read_metrics`, `load_weights`,
 `read_routing_table` and `read_training_log`.
@@ -34,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from moe_prefix.analysis.routing_stats import RoutingTable
 from moe_prefix.bank import PrefixBank
 
-from .checkpointing import check_compatible
+from .checkpointing import check_compatible, write_atomically
 from .networks import trainable_state_dict
 from .run_config import ConfigError, RunConfig, config_from_dict, save_config, to_dict
 
@@ -69,20 +72,21 @@ def has_checkpoints(run_dir: Path) -> bool:
 def create(cfg: RunConfig, run_dir: Path) -> None:
     """Make the folder and save the resolved config (after every check has passed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    write_atomically(run_dir / CONFIG_FILE, lambda tmp: save_config(cfg, tmp))
 
 
 def write_json(path: Path, values: dict) -> None:
     """Strict JSON (what `jq` and other strict parsers accept): non-finite numbers are left out."""
     finite = {k: v for k, v in values.items() if not (isinstance(v, float) and not math.isfinite(v))}
-    path.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    text = json.dumps(finite, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_weights(run_dir: Path, network, cfg: RunConfig) -> None:
     """adapter.safetensors: the trainable tensors, with the backbone, method and config as metadata."""
     weights = {k: v.contiguous() for k, v in trainable_state_dict(network).items()}
     meta = {"backbone": cfg.model.backbone, "method": cfg.model.method, "config": json.dumps(to_dict(cfg))}
-    save_file(weights, str(run_dir / WEIGHTS_FILE), metadata=meta)
+    write_atomically(run_dir / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), metadata=meta))
 
 
 def write_per_example_table(
@@ -91,22 +95,30 @@ def write_per_example_table(
     """A CSV of validation rows (sorted by index): the task's own columns, then the routing, if any."""
     routed = bool(rows) and "weights" in rows[0]
     header = columns + (["prefix_len", "experts"] + [f"w{i}" for i in range(num_experts)] if routed else [])
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in sorted(rows, key=lambda r: r["index"]):
-            line = cells(row)
-            if routed:
-                line += [f"{row['prefix_len']:.3f}", " ".join(map(str, row["experts"]))]
-                line += [f"{w:.6f}" for w in row["weights"]]
-            writer.writerow(line)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for row in sorted(rows, key=lambda r: r["index"]):
+                line = cells(row)
+                if routed:
+                    line += [f"{row['prefix_len']:.3f}", " ".join(map(str, row["experts"]))]
+                    line += [f"{w:.6f}" for w in row["weights"]]
+                writer.writerow(line)
+
+    write_atomically(path, write)
 
 
 def write_jsonl(path: Path, records) -> None:
     """One JSON object per line, in the order given (rollouts.jsonl: the training rollouts as sampled)."""
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    write_atomically(path, write)
 
 
 def write_samples(path: Path, rows: list[dict], n: int) -> None:
