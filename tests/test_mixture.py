@@ -94,7 +94,13 @@ def test_gradients_reach_prefix_side_only_and_backbone_is_unchanged():
 def test_trainable_state_dict_holds_no_backbone_tensor():
     mixture = attach(tiny_bert(), PrefixConfig(train_modules=("classifier",)))
     keys = set(mixture.trainable_state_dict())
-    assert keys == {"bank.kv", "router.proj.weight", "backbone.classifier.weight", "backbone.classifier.bias"}
+    assert keys == {
+        "bank.kv",
+        "router.proj.weight",
+        "router.proj.bias",  # the k-means router (the default) has one
+        "backbone.classifier.weight",
+        "backbone.classifier.bias",
+    }
 
 
 def test_generate_with_routed_prefix_equals_stepwise_greedy_without_cache():
