@@ -74,7 +74,7 @@ def score_rows(rows: list[dict]) -> None:
     e2e_style = any(r.get("source") == "e2e_nlg" for r in rows) or e2e_slots.all_parse([r["input"] for r in e2e])
     for row, rouge_l in zip(rows, rouge, strict=True):
         stats = text_scores.bleu_stats(row["prediction"], row["references"])
-        row.update(_bleu_stats=stats, bleu=stats.score(smooth=True), rougeL=rouge_l)
+        row.update(_bleu_stats=stats, bleu=stats.score(effective_order=True), rougeL=rouge_l)
         if e2e_style and row.get("source") in (None, "e2e_nlg"):
             check = e2e_slots.check_slots(row["prediction"], row["input"])
             row.update(ser=100 * check.ser, slots=check.slots)

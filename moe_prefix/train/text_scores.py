@@ -5,8 +5,8 @@ what those per-example numbers add up to. BLEU is a function of n-gram statistic
 (Papineni et al. 2002), so each example keeps its statistics (`BleuStats`); their sum gives corpus BLEU,
 each alone gives sentence BLEU. Both follow SacreBLEU (Post 2018) exactly, checked against it in the tests:
 13a tokenisation, n-gram counts clipped by the most generous reference, the brevity penalty from the
-reference length closest to the hypothesis (the shorter one on a tie), and for sentence BLEU SacreBLEU's
-default `exp` smoothing (a zero n-gram precision counts as 1 / 2^k, k = how many were zero so far).
+reference length closest to the hypothesis (the shorter one on a tie), SacreBLEU's default `exp`
+smoothing, and for sentence BLEU the effective order (`BleuStats.score`).
 
 ROUGE-L is torchmetrics' (LCS F-measure, best reference per example, no stemming); its corpus figure is
 the mean over examples. CommonGen concept coverage (Lin et al. 2020) is the share of an input's concepts
@@ -64,20 +64,19 @@ class BleuStats:
             self.ref_len + other.ref_len,
         )
 
-    def score(self, smooth: bool = False) -> float:
-        """BLEU, 0-100. smooth: sentence BLEU as SacreBLEU's `sentence_bleu` (`exp` smoothing, and the
-        effective order: a hypothesis shorter than n words averages over the orders it has); else corpus BLEU."""
-        if self.hyp_len == 0:
+    def score(self, effective_order: bool = False) -> float:
+        """BLEU, 0-100, as SacreBLEU computes it: `exp` smoothing (the k-th zero n-gram precision counts as
+        1 / (2^k total)), 0 when nothing matches. effective_order (SacreBLEU's sentence_bleu): a hypothesis
+        shorter than n words averages over the orders it has; else such an order scores 0 (corpus BLEU)."""
+        if self.hyp_len == 0 or not any(self.matches):
             return 0.0
         logs, zeros = [], 0
         for m, t in zip(self.matches, self.totals, strict=True):
             if t == 0:
-                if smooth:
+                if effective_order:
                     break
                 return 0.0
             if m == 0:
-                if not smooth:
-                    return 0.0
                 zeros += 1
                 logs.append(math.log(1 / (2**zeros * t)))
             else:
