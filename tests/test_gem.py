@@ -172,3 +172,30 @@ def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny
     assert metrics["val/coverage/common_gen"] == pytest.approx(sum(cg) / len(cg), abs=1e-3)
     assert all(r["ser"] != "" for r in rows if r["group"] == "e2e_nlg")
     assert all(r["ser"] == "" for r in rows if r["group"] != "e2e_nlg")
+
+
+@pytest.mark.parametrize("sweep_file", ["gem4_smollm2.yaml", "gem4_gemma3.yaml"])
+def test_every_gem4_study_arm_trains_a_step_on_a_tiny_backbone(gem_cache, tiny_lm_dir, tmp_path, sweep_file):
+    """Each arm of the gem4 studies (k-means start with one expert, oracle routing, LoRA, ...) runs end to end on a
+    tiny Llama: an arm that only fails at run time would otherwise fail hours into the study."""
+    from pathlib import Path
+
+    from moe_prefix.tools.ablate import load_sweep
+    from moe_prefix.train.engine import fit
+    from moe_prefix.train.run_config import load_config
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "ablations" / sweep_file)
+    tiny = [
+        f"model.backbone={tiny_lm_dir}",
+        "model.max_length=64",
+        "data.max_train_examples=null",
+        "data.max_val_examples=8",
+        "generation.max_new_tokens=2",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    for arm, overrides in sweep.arms.items():
+        cfg = load_config(sweep.base, [*sweep.overrides, *overrides, *tiny, f"run_dir={tmp_path / arm}"])
+        metrics = json.loads((fit(cfg).run_dir / "metrics.json").read_text())
+        assert sweep.metric in metrics and metrics["steps"] == 2, arm
