@@ -340,7 +340,7 @@ def test_gemma_alias_fails_in_one_line_when_the_index_is_unreachable(cache, monk
 
 
 @pytest.mark.slow
-def test_gemma3_converts_once_and_generates():
+def test_gemma3_converts_and_still_knows_english():
     """The real artefact: parts joined and checked, converted to safetensors with its tokenizer; it still knows
     English (next-token guess, perplexity)."""
     import torch
