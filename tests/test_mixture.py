@@ -230,7 +230,9 @@ def test_group_router_input_routes_by_group_and_ignores_the_text():
 
 @pytest.mark.parametrize("router_layer", [1, 2])
 def test_hidden_router_input_is_the_masked_mean_after_router_layer(router_layer):
-    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_input="hidden", router_layer=router_layer)
+    cfg = PrefixConfig(
+        num_experts=2, prefix_len=3, top_k=1, router_input="hidden", router_layer=router_layer, router_init="random"
+    )
     mixture = attach(tiny_bert(), cfg).eval()
     ids, mask = batch()
     with torch.no_grad():
