@@ -104,6 +104,57 @@ def test_summary_example_level_is_nan_without_labelled_routing(tmp_path):
     assert "| gen | 2 |" in (tmp_path / "summary.md").read_text()
 
 
+def _write_generation_run(run_dir: Path, bleu: float, scores: dict[str, list[float]]) -> None:
+    """metrics.json and a generation routing.csv with per-example score columns (empty cells: undefined)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/bleu": bleu, "trainable_params": 10, "train_time_s": 1}))
+    n = len(next(iter(scores.values())))
+    rows = [
+        {"id": f"e{i}", "group": "src", "input_len": 4, "loss": 0.5, "new_tokens": 3}
+        | {k: "" if np.isnan(v[i]) else v[i] for k, v in scores.items()}
+        for i in range(n)
+    ]
+    with open(run_dir / rd.ROUTING_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[::-1])  # joined on the id
+
+
+def test_summary_pairs_generation_examples_on_their_scores(tmp_path):
+    """Generation: the sign-flip test on per-example sentence-BLEU differences pooled over matched seeds, Holm
+    across arms; ser counts lower as better; examples without a score (SER of a non-E2E input) are left out."""
+    rng = np.random.default_rng(0)
+    sweep = Sweep(
+        None, {"ref": [], "up": ["prefix.top_k=1"], "noise": ["prefix.top_k=2"]}, seeds=[0, 1], reference="ref"
+    )
+    base = {s: rng.uniform(10, 60, 15) for s in sweep.seeds}
+    shift = {"ref": 0.0, "up": 4.0, "noise": 0.0}
+    scores = {}
+    for run in plan(sweep, tmp_path):
+        bleu = base[run.seed] + shift[run.arm] + (rng.normal(0, 3, 15) if run.arm != "ref" else 0)
+        ser = np.where(np.arange(15) < 5, 100 - bleu, np.nan)  # defined on the first 5 examples only
+        scores[run.arm, run.seed] = bleu
+        _write_generation_run(run.run_dir, float(bleu.mean()), {"bleu": bleu, "ser": ser})
+    sweep.metric = "val/bleu"
+    summarise(sweep, tmp_path)
+    rows = _summary_rows(tmp_path)
+    p = {}
+    for arm in ("up", "noise"):
+        a = np.concatenate([scores[arm, s] for s in sweep.seeds])
+        b = np.concatenate([scores["ref", s] for s in sweep.seeds])
+        res = permutation_test((a - b,), np.mean, permutation_type="samples", n_resamples=20_000, random_state=0)
+        p[arm] = float(rows[arm]["p_example"])
+        assert rows[arm]["pairs"] == "30"
+        assert (int(rows[arm]["only_arm"]), int(rows[arm]["only_ref"])) == (int((a > b).sum()), int((a < b).sum()))
+        assert p[arm] == pytest.approx(res.pvalue, abs=0.01)
+    assert p["up"] < 0.001 < p["noise"]
+    assert [float(rows[a]["p_example_holm"]) for a in ("up", "noise")] == pytest.approx(holm([p["up"], p["noise"]]))
+    sweep.example_score = "ser"
+    summarise(sweep, tmp_path)
+    up = _summary_rows(tmp_path)["up"]
+    assert up["pairs"] == "10" and int(up["only_arm"]) > int(up["only_ref"])  # lower SER counts as better
+
+
 def test_bad_arm_fails_before_any_run():
     with pytest.raises(ConfigError, match="arm 'prefix.top_k=9'"):
         sweep_from_grid(None, ["prefix.top_k=1,9"], [0], [])

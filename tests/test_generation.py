@@ -222,7 +222,7 @@ def test_fit_generation_writes_the_run_directory(fitted_run):
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(set(s) == {"id", "prediction", "references"} for s in samples)
     rows = (run / "routing.csv").read_text().strip().splitlines()
-    assert rows[0] == "id,input_len,loss,new_tokens,prefix_len,experts,w0,w1,w2"
+    assert rows[0] == "id,group,input_len,loss,new_tokens,bleu,rougeL,ser,slots,coverage,prefix_len,experts,w0,w1,w2"
     assert len(rows) - 1 == 6
     # the same run evaluated again reproduces its metrics; the bare backbone is scored on the same inputs
     again = evaluate_run(run).metrics

@@ -196,3 +196,112 @@ def test_decoupled_prefix_matches_its_formula_on_one_layer():
         expected = rearrange(base + extra, "b h t d -> b t (h d)")
     assert (routing.weights > 0).sum(-1).eq(2).all()  # sparse: unchosen experts contribute nothing
     assert (out - expected).abs().max().item() <= 1e-5
+
+
+# -- Gemma 3: sliding-window and global layers -----------------------------------------------------------
+
+
+def tiny_gemma3(sliding_window: int = 3):
+    """Gemma 3 with both layer kinds: sliding-window layers 0 and 2 (window 3 tokens), global layers 1 and 3."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _hand_written_attention(prefix_kv, pad_mask, seen_layers):
+    """An attention function that ignores the mask transformers built: it derives its own from the padding and
+    the layer's kind (a key is visible when real, not in the future and, on sliding layers, fewer than `window`
+    tokens back) and prepends the layer's prefix keys/values, visible to every query, in float64."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        b, _, q, _ = query.shape
+        t = key.shape[2]
+        real = pad_mask.bool()[:, None, :]  # (b 1 t)
+        i, j = torch.arange(q)[:, None], torch.arange(t)[None, :]
+        visible = (j <= i)[None] & real
+        if sliding_window is not None:
+            visible = visible & (i - j < sliding_window)[None]
+        seen_layers[module.layer_idx] = sliding_window
+        groups = query.shape[1] // key.shape[1]
+        if prefix_kv is not None:
+            pk, pv = prefix_kv[:, module.layer_idx, 0], prefix_kv[:, module.layer_idx, 1]  # (b h p d)
+            key, value = torch.cat([pk, key], 2), torch.cat([pv, value], 2)
+            visible = torch.cat([visible.new_ones(b, q, pk.shape[2]), visible], -1)
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        scores = torch.einsum("bhqd,bhtd->bhqt", query.double(), key.double()) * scaling
+        scores = scores.masked_fill(~visible[:, None], -math.inf)
+        probs = scores.softmax(-1).nan_to_num()  # a padding query row sees nothing: zeros
+        out = torch.einsum("bhqt,bhtd->bqhd", probs, value.double())
+        return out.to(query.dtype), None
+
+    return attention
+
+
+def _gemma3_logits_by_hand(model, ids, mask, prefix_kv):
+    """The model's logits with the hand-written attention on every layer; also which window each layer used."""
+    from transformers import AttentionInterface
+
+    seen: dict[int, int | None] = {}
+    AttentionInterface.register("hand_written_test", _hand_written_attention(prefix_kv, mask, seen))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("hand_written_test")
+    try:
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    finally:
+        model.set_attn_implementation(previous)
+    return logits, seen
+
+
+def test_gemma3_hand_written_attention_reproduces_the_bare_model():
+    """The reference itself: without a prefix it equals transformers' own Gemma 3 (sliding windows included)."""
+    ids, mask = batch(t=9, pad_side="left")
+    model = tiny_gemma3()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    got, seen = _gemma3_logits_by_hand(model, ids, mask, None)
+    assert seen == {0: 3, 1: None, 2: 3, 3: None}  # both layer kinds ran
+    assert max_diff(got, expected, mask) <= 1e-5
+    wide = tiny_gemma3(sliding_window=64)  # same weights, no window in reach: other logits, so the window bites
+    with torch.no_grad():
+        unwindowed = wide(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert max_diff(unwindowed, expected, mask) > 1e-3
+
+
+@pytest.mark.parametrize("path", ["joint", "split"])
+def test_gemma3_prefix_is_visible_to_every_query_on_sliding_and_global_layers(path):
+    """With left padding and 9 tokens against a window of 3, the prefix positions stay visible to every query on
+    every layer: the injection equals the hand-written attention (prefix prepended, always visible)."""
+    ids, mask = batch(t=9, pad_side="left")
+    model = tiny_gemma3()
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=2, init_std=1.0, attention_path=path)
+    mixture = attach(model, cfg).eval()
+    with torch.no_grad():
+        _, state = mixture.prepare(ids, mask)
+        got = mixture.run_backbone(state, input_ids=ids, attention_mask=mask).logits
+    expected, seen = _gemma3_logits_by_hand(model, ids, mask, state.kv)  # kv: (b l c h p d), the routed blend
+    assert seen == {0: 3, 1: None, 2: 3, 3: None}
+    assert max_diff(got, expected, mask) <= 1e-5
+    # the prefix matters on this model: without it the logits differ
+    with torch.no_grad():
+        bare = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    assert max_diff(bare, expected, mask) > 1e-3

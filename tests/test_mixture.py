@@ -94,7 +94,13 @@ def test_gradients_reach_prefix_side_only_and_backbone_is_unchanged():
 def test_trainable_state_dict_holds_no_backbone_tensor():
     mixture = attach(tiny_bert(), PrefixConfig(train_modules=("classifier",)))
     keys = set(mixture.trainable_state_dict())
-    assert keys == {"bank.kv", "router.proj.weight", "backbone.classifier.weight", "backbone.classifier.bias"}
+    assert keys == {
+        "bank.kv",
+        "router.proj.weight",
+        "router.proj.bias",  # the k-means router (the default) has one
+        "backbone.classifier.weight",
+        "backbone.classifier.bias",
+    }
 
 
 def test_generate_with_routed_prefix_equals_stepwise_greedy_without_cache():
@@ -224,7 +230,9 @@ def test_group_router_input_routes_by_group_and_ignores_the_text():
 
 @pytest.mark.parametrize("router_layer", [1, 2])
 def test_hidden_router_input_is_the_masked_mean_after_router_layer(router_layer):
-    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_input="hidden", router_layer=router_layer)
+    cfg = PrefixConfig(
+        num_experts=2, prefix_len=3, top_k=1, router_input="hidden", router_layer=router_layer, router_init="random"
+    )
     mixture = attach(tiny_bert(), cfg).eval()
     ids, mask = batch()
     with torch.no_grad():

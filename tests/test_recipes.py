@@ -76,7 +76,7 @@ def test_kmeans_router_is_deterministic_given_the_seed_and_differs_across_seeds(
 
 
 def test_kmeans_needs_the_biased_router():
-    router = Router(8, PrefixConfig(num_experts=2))
+    router = Router(8, PrefixConfig(num_experts=2, router_init="random"))
     with pytest.raises(ValueError, match="router_init=kmeans"):
         router.init_from_kmeans(torch.randn(10, 8))
     with pytest.raises(ValueError, match="router_input=group"):

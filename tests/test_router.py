@@ -64,7 +64,15 @@ def test_z_loss_formula():
 
 
 def test_soft_length_mask_formula_and_hard_truncation():
-    cfg = PrefixConfig(num_experts=2, prefix_len=6, top_k=1, length="expert", expert_lengths=(2, 5), length_tau=0.5)
+    cfg = PrefixConfig(
+        num_experts=2,
+        prefix_len=6,
+        top_k=1,
+        length="expert",
+        expert_lengths=(2, 5),
+        length_tau=0.5,
+        router_init="random",
+    )
     ctrl = LengthController(4, cfg)
     router = Router(4, cfg).eval()
     route = router(torch.randn(3, 4))

@@ -33,7 +33,7 @@ def test_fit_writes_the_run_directory(tiny_backbone_dir, reviews_csv, tmp_path):
     with safe_open(str(run / "adapter.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert keys and not any(k.startswith("body.backbone.") for k in keys), keys
-    assert keys == {"body.bank.kv", "body.router.proj.weight", "head.weight", "head.bias"}
+    assert keys == {"body.bank.kv", "body.router.proj.weight", "body.router.proj.bias", "head.weight", "head.bias"}
     rows = (run / "routing.csv").read_text().strip().splitlines()
     header = "id,group,label,label_name,prediction,prediction_name,loss,input_len,prefix_len,experts,w0,w1"
     assert rows[0] == header

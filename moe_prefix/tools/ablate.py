@@ -37,6 +37,10 @@ from moe_prefix.analysis.stats import (
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.run_config import ConfigError, load_config
 
+# per-example columns of a generation run's routing.csv that a paired test can use (generation.EXAMPLE_SCORES
+# less `slots`, a count); lower is better for ser
+GENERATION_SCORES = ("bleu", "rougeL", "ser", "coverage")
+
 
 @dataclass
 class Sweep:
@@ -50,6 +54,7 @@ class Sweep:
     also: list[str] = field(default_factory=list)  # further metrics, each summarised in a table of its own
     untested: list[str] = field(default_factory=list)  # arms summarised but kept out of the tests and their Holm
     # family: stages other arms start from (model.init_from=@arm), or references such as LoRA
+    example_score: str = "bleu"  # generation: the routing.csv column paired across runs (sentence BLEU)
 
     @property
     def metrics(self) -> list[str]:
@@ -57,17 +62,18 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """A sweep file: base, overrides, seeds, reference, metric, also, curve, arms {name: [key=value, ...]}."""
+    """A sweep file: base, overrides, seeds, reference, metric, also, curve, example_score, arms {name: [...]}."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    unknown = set(raw) - {"base", "arms", "seeds", "overrides", "reference", "metric", "also", "curve", "untested"}
+    keys = {"base", "arms", "seeds", "overrides", "reference", "metric", "also", "curve", "untested", "example_score"}
+    unknown = set(raw) - keys
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown sweep keys {sorted(unknown)}; "
-            "valid: base, arms, seeds, overrides, reference, metric, also, curve, untested"
-        )
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; valid: {', '.join(sorted(keys))}")
+    example_score = raw.get("example_score", "bleu")
+    if example_score not in GENERATION_SCORES:
+        raise ConfigError(f"{path}: example_score={example_score!r} is not one of {', '.join(GENERATION_SCORES)}")
     also = raw.get("also", [])
     if not isinstance(also, list) or not all(isinstance(m, str) for m in also):
         raise ConfigError(f"{path}: also must be a list of metric names such as [val/bleu, val/rougeL], got {also!r}")
@@ -87,6 +93,7 @@ def load_sweep(path: str | Path) -> Sweep:
         curve,
         also,
         [str(arm) for arm in raw.get("untested", [])],
+        example_score,
     )
     return _check(sweep)
 
@@ -312,25 +319,53 @@ def _correct_by_id(run_dir: Path) -> dict[str, bool] | None:
     return dict(zip(table.ids.tolist(), (table.labels == table.predictions).tolist(), strict=True))
 
 
-def example_level_test(pairs: list[tuple[Path, Path]]) -> tuple[int, McNemarResult | None]:
-    """McNemar's exact test over (seed, example) pairs pooled across matched seeds.
+def _scores_by_id(run_dir: Path, column: str) -> dict[str, float] | None:
+    """Validation example id -> its score in routing.csv's `column` (generation runs); None without the column.
+    Examples where the score is undefined (SER of a non-E2E input) are left out."""
+    path = run_dir / rd.ROUTING_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or column not in rows[0] or "label" in rows[0]:
+        return None
+    return {r["id"]: float(r[column]) for r in rows if r[column] != ""}
+
+
+def example_level_test(pairs: list[tuple[Path, Path]], score: str = "bleu") -> tuple[int, McNemarResult | None]:
+    """An example-level paired test over (seed, example) pairs pooled across matched seeds.
 
     `pairs`: (arm run, reference run) directories, one per matched seed. Within a seed both runs were scored
-    on the same validation split, so their routing.csv rows join on the example id. Returns the number of
-    pairs and the test; (0, None) when no seed has labelled routing tables on both sides (generation).
+    on the same validation split, so their routing.csv rows join on the example id. Classification: McNemar's
+    exact test on right / wrong. Generation: the sign-flip permutation test on the per-example differences of
+    routing.csv's `score` column (sentence BLEU by default); only_a / only_b then count the pairs where the arm
+    scores higher / lower (for ser: lower / higher, fewer errors being better). Returns the number of pairs
+    and the test; (0, None) when no seed has per-example results on both sides.
     """
     arm_right: list[bool] = []
     ref_right: list[bool] = []
+    arm_score: list[float] = []
+    ref_score: list[float] = []
     for arm_dir, ref_dir in pairs:
         arm, ref = _correct_by_id(arm_dir), _correct_by_id(ref_dir)
-        if arm is None or ref is None:
+        if arm is not None and ref is not None:
+            common = [i for i in arm if i in ref]
+            arm_right += [arm[i] for i in common]
+            ref_right += [ref[i] for i in common]
             continue
-        common = [i for i in arm if i in ref]
-        arm_right += [arm[i] for i in common]
-        ref_right += [ref[i] for i in common]
-    if not arm_right:
+        arm_s, ref_s = _scores_by_id(arm_dir, score), _scores_by_id(ref_dir, score)
+        if arm_s is not None and ref_s is not None:
+            common = [i for i in arm_s if i in ref_s]
+            arm_score += [arm_s[i] for i in common]
+            ref_score += [ref_s[i] for i in common]
+    if arm_right:
+        return len(arm_right), mcnemar_test(arm_right, ref_right)
+    if not arm_score:
         return 0, None
-    return len(arm_right), mcnemar_test(arm_right, ref_right)
+    a, b = np.array(arm_score), np.array(ref_score)
+    sign = -1 if score == "ser" else 1  # "better" is fewer slot errors
+    better, worse = int((sign * (a - b) > 0).sum()), int((sign * (a - b) < 0).sum())
+    return len(a), McNemarResult(better, worse, paired_permutation_test(a, b, seed=0))
 
 
 def summarise(sweep: Sweep, out_dir: Path, failed: dict[tuple[str, int], str] | None = None) -> Path:
@@ -414,7 +449,7 @@ def _compare_arms(
         matched = sorted(set(seeds) & set(ref)) if arm not in sweep.untested else []
         if example_level and arm != sweep.reference and matched:
             pairs = [(run_dirs[arm, s], run_dirs[sweep.reference, s]) for s in matched]
-            entry["pairs"], test = example_level_test(pairs)
+            entry["pairs"], test = example_level_test(pairs, sweep.example_score)
             if test is not None:
                 entry.update(only_arm=test.only_a, only_ref=test.only_b, p_example=test.pvalue)
         if arm != sweep.reference and len(matched) >= 2:
@@ -486,6 +521,14 @@ def _write_summary(
         "that one of the two gets right and the other wrong. It treats examples as independent given the "
         "seeds, so it answers for this validation set, not for a new draw of training seeds.",
     ]
+    if any(e["pairs"] for summary in tables.values() for e in summary) and _is_generation(sweep):
+        lines += [
+            "",
+            f"Generation runs have no right or wrong: their example-level columns are the two-sided sign-flip "
+            f"permutation test on the per-example differences of `{sweep.example_score}` (routing.csv; `bleu` is "
+            "sentence BLEU) over the same pooled (seed, example) pairs, Holm-corrected across arms; only arm / "
+            "only ref count the pairs where the arm scores better / worse.",
+        ]
     if sweep.untested:
         lines += ["", f"Not tested (outside the Holm family): {', '.join(sweep.untested)}."]
     if _chained(sweep):
@@ -496,6 +539,13 @@ def _write_summary(
         lines += [f"| {arm} | {seed} | {why.replace('|', '/')} |" for (arm, seed), why in failed.items()]
         lines += ["", "They are left out of the tables above; the next invocation of this sweep resumes them."]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _is_generation(sweep: Sweep) -> bool:
+    try:
+        return load_config(sweep.base, sweep.overrides).model.task == "generation"
+    except ConfigError:
+        return False
 
 
 def _plot(sweep: Sweep, out_dir: Path, summary: list[dict], rows: list[dict]) -> None:

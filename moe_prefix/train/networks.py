@@ -118,10 +118,12 @@ class CausalLM(nn.Module):
     def mixture(self):
         return self.body if self.method == "prefix" else None
 
-    def forward(self, input_ids, attention_mask, labels=None, router_input_ids=None, router_attention_mask=None):
-        """router_* carry the prompt alone, so the router never sees the target."""
+    def forward(
+        self, input_ids, attention_mask, labels=None, router_input_ids=None, router_attention_mask=None, group_ids=None
+    ):
+        """router_* carry the prompt alone, so the router never sees the target; group_ids: oracle routing."""
         if self.method == "prefix":
-            routing, state = self.body.prepare(router_input_ids, router_attention_mask)
+            routing, state = self.body.prepare(router_input_ids, router_attention_mask, group_ids)
             out = self.body.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return TaskOutput(out.logits, routing, out.loss)
         positions = positions_from_mask(attention_mask)
@@ -129,9 +131,9 @@ class CausalLM(nn.Module):
         return TaskOutput(out.logits, None, out.loss)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, **kwargs):
+    def generate(self, input_ids, attention_mask, group_ids=None, **kwargs):
         if self.method == "prefix":
-            return self.body.generate(input_ids, attention_mask=attention_mask, **kwargs)
+            return self.body.generate(input_ids, attention_mask=attention_mask, group_ids=group_ids, **kwargs)
         return self.body.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 

@@ -340,7 +340,8 @@ def _check_cross(cfg: RunConfig) -> None:
         raise ConfigError("model.task=generation needs a generation dataset such as data.source=e2e_nlg")
     if cfg.optim.objective != "sft" and cfg.model.task != "generation":
         raise ConfigError(f"optim.objective={cfg.optim.objective} needs model.task=generation (classification: sft)")
-    if cfg.prefix.router_input == "group" and cfg.data.group_column is None:
+    # generation reads the group from the built-in GEM records themselves (checked when the data loads)
+    if cfg.prefix.router_input == "group" and cfg.data.group_column is None and cfg.model.task != "generation":
         raise ConfigError("prefix.router_input=group needs data.group_column (the column holding group ids)")
     if cfg.model.method == "prefix" and cfg.prefix.expert_init == "upcycle" and not cfg.model.init_from:
         raise ConfigError(
