@@ -1,0 +1,315 @@
+"""Encoder-decoder backbones (BART, T5): prefixes on encoder self-attention, decoder self-attention and
+cross-attention, checked against attention written by hand here, and generate() against decoding by hand."""
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    AttentionInterface,
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from moe_prefix import PrefixConfig, attach
+
+VOCAB = 64
+SITES = ("encoder", "decoder", "cross")
+
+
+def tiny_bart(**overrides) -> BartForConditionalGeneration:
+    torch.manual_seed(0)
+    fields = dict(
+        vocab_size=VOCAB,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.2,  # logits of order one, so the prefix visibly moves them
+    )
+    return BartForConditionalGeneration(BartConfig(**(fields | overrides))).eval()
+
+
+def tiny_t5(**overrides) -> T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    fields = dict(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    model = T5ForConditionalGeneration(T5Config(**(fields | overrides))).eval()
+    with torch.no_grad():  # a visible relative position bias, so a wrong bias over the prefix shows
+        for name, param in model.named_parameters():
+            if "relative_attention_bias" in name:
+                param.normal_(std=2.0)
+    return model
+
+
+BUILDERS = {"bart": tiny_bart, "t5": tiny_t5}
+
+
+def site_of(name: str) -> tuple[str, int] | None:
+    """(site, layer) of an attention module from its name in BART or T5, written here independently of the
+    package: BART's encoder.layers.i.self_attn / decoder.layers.i.{self_attn, encoder_attn}, T5's
+    encoder.block.i.layer.0.SelfAttention / decoder.block.i.layer.{0.SelfAttention, 1.EncDecAttention}."""
+    parts = name.split(".")
+    stack = "encoder" if "encoder" in parts[:-1] and "decoder" not in parts else "decoder"
+    if parts[-1] in ("self_attn", "SelfAttention"):
+        return (stack, int(parts[parts.index("layers" if "layers" in parts else "block") + 1]))
+    if parts[-1] in ("encoder_attn", "EncDecAttention"):
+        return ("cross", int(parts[parts.index("layers" if "layers" in parts else "block") + 1]))
+    return None
+
+
+# -- attention by hand ------------------------------------------------------------------------------------
+REFERENCE = "moe_prefix_test_reference"
+_prefixes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(module) -> keys, values, bias
+
+
+def _reference_attention(module, query, key, value, mask, scaling=None, position_bias=None, **kwargs):
+    """softmax([q k_p^T * s + bias_p, q k^T * s + position_bias + mask]) [v_p; v] in float64.
+
+    The prefix columns get the prefix bias (log weights, log length mask) and no position bias; the real
+    columns get exactly what the frozen model gives them.
+    """
+    q, k, v = query.double(), key.double(), value.double()
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.einsum("bhqd,bhtd->bhqt", q, k) * scale
+    if position_bias is not None:
+        scores = scores + position_bias.double()
+    n_q, n_t = q.shape[2], k.shape[2]
+    if mask is None and module.is_causal and n_q > 1:
+        mask = torch.ones(n_q, n_t, dtype=torch.bool).tril(n_t - n_q)[None, None]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.double()
+    prefix = _prefixes.get(id(module))
+    if prefix is not None:
+        pk, pv, bias = (x.double() for x in prefix)  # (b h p d), (b h p d), (b p)
+        if pk.shape[0] != q.shape[0]:  # beams: each example's prefix repeated
+            pk, pv, bias = (x.repeat_interleave(q.shape[0] // x.shape[0], 0) for x in (pk, pv, bias))
+        prefix_scores = torch.einsum("bhqd,bhpd->bhqp", q, pk) * scale + bias[:, None, None, :]
+        scores = torch.cat([prefix_scores, scores], -1)
+        v = torch.cat([pv, v], 2)
+    out = torch.einsum("bhqt,bhtd->bhqd", scores.softmax(-1), v)
+    return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+AttentionInterface.register(REFERENCE, _reference_attention)
+AttentionMaskInterface.register(REFERENCE, sdpa_mask)
+
+
+def reference_prefixes(mixture, routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's prefix (b r c h p d) and bias (b p), built by hand from the bank and the routing."""
+    cfg = mixture.cfg
+    bank = mixture.bank.tensor().detach()  # (e r c h p d)
+    P = cfg.prefix_len
+    i = torch.arange(P, dtype=torch.float32)
+    lengths = routing.lengths[:, None]  # (b 1)
+    if mixture.training:
+        length_bias = torch.log(torch.sigmoid((lengths - i - 0.5) / cfg.length_tau).clamp_min(1e-12))
+    else:
+        length_bias = torch.zeros(len(lengths), P).masked_fill(i >= lengths.round(), -math.inf)
+    if cfg.combine == "blend":
+        kv = torch.einsum("be,erchpd->brchpd", routing.weights, bank)
+        return kv, length_bias
+    chosen = bank[routing.indices]  # (b k r c h p d)
+    kv = torch.cat(chosen.unbind(1), dim=-2)  # banks side by side on the position axis
+    weights = routing.weights.gather(1, routing.indices)  # (b k)
+    bias = torch.cat([weights[:, j : j + 1].log() + length_bias for j in range(weights.shape[1])], -1)
+    return kv, bias
+
+
+def reference_model(name: str, mixture, routing):
+    """A fresh copy of the frozen backbone whose attention is `_reference_attention`, prefixed on the sites."""
+    model = BUILDERS[name]()
+    model.set_attn_implementation(REFERENCE)
+    kv, bias = reference_prefixes(mixture, routing)
+    rows = [(site, layer) for site in mixture.cfg.sites for layer in range(2)]  # the documented row order
+    _prefixes.clear()
+    for module_name, module in model.named_modules():
+        where = site_of(module_name)
+        if where is not None and where in rows:
+            r = rows.index(where)
+            _prefixes[id(module)] = (kv[:, r, 0], kv[:, r, 1], bias)
+    return model
+
+
+def batch(pad_side: str, b: int = 3, t: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    for row, n in enumerate([0, 2, 4][:b]):  # rows padded by 0, 2, 4 tokens
+        if n:
+            mask[row, -n:] = 0 if pad_side == "right" else 1
+            if pad_side == "left":
+                mask[row, :n] = 0
+                mask[row, n:] = 1
+    decoder_ids = torch.randint(3, VOCAB, (b, 5), generator=g)
+    return ids, mask, decoder_ids
+
+
+def spread(mixture, std: float = 1.0, ids=None, mask=None):
+    """Make routing, lengths (centred on this batch) and prefixes visibly different across examples."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        mixture.router.proj.weight.copy_(torch.randn(mixture.router.proj.weight.shape, generator=g) * 3.0)
+        if mixture.bank.kv is not None:
+            mixture.bank.kv.copy_(torch.randn(mixture.bank.kv.shape, generator=g) * std)
+        if mixture.cfg.length == "learned":
+            head = mixture.length.head[1]
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 3.0)
+            z = mixture.length.head(mixture.router_features(ids, mask)).squeeze(-1)
+            head.bias.sub_(z.mean())
+
+
+def _forward(mixture, ids, mask, decoder_ids):
+    return mixture(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+
+
+# -- tests ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_rows_are_one_per_site_and_layer_in_the_documented_order(name):
+    mixture = attach(BUILDERS[name](), PrefixConfig(num_experts=2, prefix_len=3))
+    assert mixture.rows == [(site, layer) for site in SITES for layer in range(2)]
+    assert mixture.bank.kv.shape == (2, 6, 2, 2, 3, 8)  # e, rows (3 sites x 2 layers), c, h, p, d
+    only = attach(BUILDERS[name](), PrefixConfig(num_experts=2, prefix_len=3, sites=["cross", "encoder"]))
+    assert only.rows == [("encoder", 0), ("encoder", 1), ("cross", 0), ("cross", 1)]
+
+
+def test_sites_are_validated():
+    with pytest.raises(ValueError, match="prefix.sites"):
+        PrefixConfig(sites=("encoder", "decoders"))
+    with pytest.raises(ValueError, match="prefix.sites"):
+        PrefixConfig(sites=())
+
+
+CASES = [
+    # (combine, length, sites, training)
+    ("blend", "fixed", SITES, False),
+    ("concat", "fixed", SITES, False),
+    ("blend", "learned", SITES, False),
+    ("concat", "learned", SITES, False),
+    ("blend", "learned", SITES, True),
+    ("blend", "fixed", ("encoder",), False),
+    ("blend", "fixed", ("decoder",), False),
+    ("concat", "fixed", ("cross",), False),
+]
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+@pytest.mark.parametrize("combine,length,sites,training", CASES)
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_mixture_matches_hand_written_attention(name, combine, length, sites, training, pad_side):
+    cfg = PrefixConfig(
+        num_experts=3, prefix_len=4, top_k=2, combine=combine, length=length, sites=sites, router_noise=0.0
+    )
+    mixture = attach(BUILDERS[name](), cfg).train(training)
+    ids, mask, decoder_ids = batch(pad_side)
+    spread(mixture, ids=ids, mask=mask)
+    with torch.no_grad():
+        got = _forward(mixture, ids, mask, decoder_ids)
+        routing = mixture.last_routing
+        expected = reference_model(name, mixture, routing)(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids
+        ).logits
+        bare = BUILDERS[name]()(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    if length == "learned":
+        assert routing.lengths.round().unique().numel() > 1  # the examples' prefixes really differ in length
+    assert (got - bare).abs().max().item() > 1e-2  # the prefix changes the output
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_eager_backbone_matches_hand_written_attention(name):
+    """The eager path adds T5's position bias as T5's own eager attention does."""
+    model = BUILDERS[name]()
+    model.set_attn_implementation("eager")
+    mixture = attach(model, PrefixConfig(num_experts=2, prefix_len=3, top_k=1)).eval()
+    spread(mixture)
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        got = _forward(mixture, ids, mask, decoder_ids)
+        expected = reference_model(name, mixture, mixture.last_routing)(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids
+        ).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_router_reads_the_encoder_input_only(name):
+    """One routing decision per input serves every site: it does not move with the decoder input."""
+    mixture = attach(BUILDERS[name](), PrefixConfig(num_experts=3, prefix_len=2, router_input="hidden", router_layer=1))
+    mixture.eval()
+    spread(mixture)
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        _forward(mixture, ids, mask, decoder_ids)
+        first = mixture.last_routing.logits
+        _forward(mixture, ids, mask, decoder_ids.flip(0))
+        assert torch.equal(mixture.last_routing.logits, first)
+        encoder = mixture.backbone.get_encoder()
+        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    features = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(mixture.router_features(ids, mask), features, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_detached_backbone_computes_what_it_did_before(name):
+    ids, mask, decoder_ids = batch("left")
+    with torch.no_grad():
+        before = BUILDERS[name]()(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        mixture = attach(BUILDERS[name](), PrefixConfig(num_experts=2, prefix_len=3))
+        backbone = mixture.detach_backbone()
+        after = backbone(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_split_path_on_bart_matches_hand_written_attention_and_the_joint_gradients(pad_side):
+    """BART's three sites on the split path (fused token kernel + prefix part): outputs and bank gradients."""
+    ids, mask, decoder_ids = batch(pad_side)
+    grads, outs = [], []
+    for path in ("split", "joint"):
+        cfg = PrefixConfig(num_experts=3, prefix_len=4, top_k=2, combine="concat", attention_path=path)
+        mixture = attach(tiny_bart(), cfg).eval()
+        spread(mixture)
+        out = _forward(mixture, ids, mask, decoder_ids)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(mixture.bank.kv.grad)
+    with torch.no_grad():
+        expected = reference_model("bart", mixture, mixture.last_routing)(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids
+        ).logits
+    assert (outs[0] - expected).abs().max().item() <= 1e-5
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_split_path_refuses_t5_position_bias():
+    mixture = attach(tiny_t5(), PrefixConfig(num_experts=2, prefix_len=3, attention_path="split")).eval()
+    ids, mask, decoder_ids = batch("right")
+    with pytest.raises(ValueError, match="position_bias"):
+        _forward(mixture, ids, mask, decoder_ids)
