@@ -15,6 +15,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from moe_prefix import PrefixConfig, attach
+from moe_prefix.injection import STATE_KWARG
 
 VOCAB = 64
 SITES = ("encoder", "decoder", "cross")
@@ -313,3 +314,106 @@ def test_split_path_refuses_t5_position_bias():
     ids, mask, decoder_ids = batch("right")
     with pytest.raises(ValueError, match="position_bias"):
         _forward(mixture, ids, mask, decoder_ids)
+
+
+# -- generate ---------------------------------------------------------------------------------------------
+def _generating_mixture(name, **overrides):
+    cfg = PrefixConfig(**{"num_experts": 3, "prefix_len": 3, "top_k": 1, **overrides})
+    mixture = attach(BUILDERS[name](), cfg).eval()
+    spread(mixture)
+    return mixture
+
+
+def _next_log_probs(mixture, ids, mask, state, decoder_ids):
+    """Log-probabilities of the next decoder token, a full forward without any cache."""
+    logits = mixture.backbone(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, use_cache=False, **{STATE_KWARG: state}
+    ).logits
+    return logits[0, -1].log_softmax(-1)
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_generate_equals_stepwise_greedy_and_runs_the_encoder_once(name, pad_side):
+    mixture = _generating_mixture(name)
+    ids, mask, _ = batch(pad_side)
+    encoder_calls = []
+    hook = mixture.backbone.get_encoder().register_forward_pre_hook(lambda *_: encoder_calls.append(1))
+    new = 5
+    try:
+        generated = mixture.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    finally:
+        hook.remove()
+    assert len(encoder_calls) == 1
+    assert mixture.last_routing.indices[:, 0].unique().numel() > 1  # examples read different prefixes
+    start = mixture.backbone.config.decoder_start_token_id
+    for i in range(ids.shape[0]):
+        row, row_mask = ids[i : i + 1], mask[i : i + 1]
+        with torch.no_grad():
+            _, state = mixture.prepare(row, row_mask)
+            seq = torch.tensor([[start]])
+            for _ in range(new):
+                token = _next_log_probs(mixture, row, row_mask, state, seq).argmax()
+                seq = torch.cat([seq, token.view(1, 1)], 1)
+        assert generated[i].tolist() == seq[0].tolist()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_right_padded_example_decodes_as_it_does_alone(name):
+    mixture = _generating_mixture(name, combine="concat", top_k=2)
+    ids, mask, _ = batch("right")
+    together = mixture.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    for i in range(ids.shape[0]):
+        alone = ids[i : i + 1, mask[i].bool()]
+        got = mixture.generate(
+            alone, attention_mask=torch.ones_like(alone), max_new_tokens=4, do_sample=False, eos_token_id=None
+        )
+        assert got[0].tolist() == together[i].tolist()
+
+
+def _beam_search(mixture, ids, mask, beams, new):
+    """Beam search by hand, no cache, each hypothesis a batch of one under the input's routed prefix."""
+    start = mixture.backbone.config.decoder_start_token_id
+    with torch.no_grad():
+        _, state = mixture.prepare(ids, mask)
+        hypotheses = [(torch.tensor([[start]]), 0.0)]
+        for _ in range(new):
+            candidates = []
+            for seq, score in hypotheses:
+                top = _next_log_probs(mixture, ids, mask, state, seq).topk(beams)
+                for lp, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                    candidates.append((torch.cat([seq, torch.tensor([[token]])], 1), score + lp))
+            hypotheses = sorted(candidates, key=lambda c: c[1], reverse=True)[:beams]
+    return hypotheses
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_generate_with_beams_equals_hand_written_beam_search(name):
+    mixture = _generating_mixture(name)
+    ids, mask, _ = batch("right", b=2)
+    beams, new = 3, 3
+    encoder_calls = []
+    hook = mixture.backbone.get_encoder().register_forward_pre_hook(lambda *_: encoder_calls.append(1))
+    try:
+        out = mixture.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            num_beams=beams,
+            num_return_sequences=beams,
+            length_penalty=0.0,  # scores are plain sums of log-probabilities
+            do_sample=False,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    finally:
+        hook.remove()
+    assert len(encoder_calls) == 1
+    assert mixture.last_routing.indices[0, 0] != mixture.last_routing.indices[1, 0]
+    for i in range(ids.shape[0]):
+        reference = _beam_search(mixture, ids[i : i + 1], mask[i : i + 1], beams, new)
+        rows = slice(i * beams, (i + 1) * beams)
+        assert out.sequences[rows].tolist() == [seq[0].tolist() for seq, _ in reference]
+        scores = torch.tensor([score for _, score in reference])
+        assert (out.sequences_scores[rows] - scores).abs().max() <= 1e-4
