@@ -417,3 +417,145 @@ def test_generate_with_beams_equals_hand_written_beam_search(name):
         assert out.sequences[rows].tolist() == [seq[0].tolist() for seq, _ in reference]
         scores = torch.tensor([score for _, score in reference])
         assert (out.sequences_scores[rows] - scores).abs().max() <= 1e-4
+
+
+# -- PEFT (0.21.2 with transformers 5.x): its seq2seq prefix reaches decoder self-attention only --------------
+def _peft_seq2seq(model, P, seed=1):
+    """A PEFT seq2seq prefix-tuning model with a random prefix of P positions."""
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    peft_model.eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in peft_model.prompt_encoder.parameters():
+            param.normal_()
+    return peft_model
+
+
+def without_decoder_positions(model):
+    """Zero the decoder's position tables (BART's learned positions, T5's relative bias).
+
+    PEFT's cache route shifts decoder positions by P (BART) and gives the prefix a relative bias (T5); the
+    mixture keeps decoder positions and gives the prefix none. Without decoder positions the two agree, so
+    what is compared is the attention over [prefix, tokens] itself.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("model.decoder.embed_positions", "decoder.block.0.layer.0.SelfAttention.relative")):
+                param.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_peft_seq2seq_prefix_reaches_decoder_self_attention_only_and_not_generate(name):
+    """What PEFT does today, which the import and export below follow (a change in PEFT shows up here)."""
+    P = 3
+    keys: dict[str, list[int]] = {}
+
+    def spy(module, query, key, value, mask, **kwargs):
+        site = "encoder" if not module.is_decoder else ("decoder" if module.is_causal else "cross")
+        keys.setdefault(site, []).append(key.shape[2])
+        return _reference_attention(module, query, key, value, mask, **kwargs)
+
+    AttentionInterface.register("moe_prefix_test_spy", spy)
+    AttentionMaskInterface.register("moe_prefix_test_spy", sdpa_mask)
+    model = BUILDERS[name]()
+    model.set_attn_implementation("moe_prefix_test_spy")
+    _prefixes.clear()
+    peft_model = _peft_seq2seq(model, P)
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    assert keys == {"encoder": [7, 7], "decoder": [5 + P, 5 + P], "cross": [7, 7]}
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        with_prefix = peft_model.generate(input_ids=ids, **kwargs)
+        with peft_model.disable_adapter():
+            without = peft_model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(with_prefix, without)  # generate() drops the prefix
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_imported_peft_seq2seq_adapter_gives_peft_logits(name, pad_side, tmp_path):
+    from moe_prefix.peft_interop import attach_peft_adapters
+
+    P = 4
+    peft_model = _peft_seq2seq(without_decoder_positions(BUILDERS[name]()), P)
+    peft_model.save_pretrained(tmp_path)
+    ids, mask, decoder_ids = batch(pad_side)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    mixture = attach_peft_adapters(without_decoder_positions(BUILDERS[name]()), tmp_path).eval()
+    assert mixture.cfg.sites == ("decoder",)
+    with torch.no_grad():
+        got = _forward(mixture, ids, mask, decoder_ids)
+        bare = BUILDERS[name]()(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    assert (expected - bare).abs().max().item() > 1e-2
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_peft_seq2seq_pairs_follow_get_prompt():
+    """PEFT's own get_prompt, on a prefix whose every pair is told apart, decides which pair each layer reads."""
+    peft = pytest.importorskip("peft")
+    from moe_prefix.peft_interop import seq2seq_pair
+
+    for layers in (2, 3, 4):
+        model = tiny_bart(encoder_layers=layers, decoder_layers=layers)
+        peft_model = peft.get_peft_model(
+            model, peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=1, inference_mode=True)
+        )
+        weight = peft_model.prompt_encoder["default"].embedding.weight  # (p (l c h d)), pair j filled with j
+        with torch.no_grad():
+            weight.copy_(torch.arange(layers).repeat_interleave(2 * 16).float()[None])
+            cache = peft_model.get_prompt(batch_size=1)
+        for layer in range(layers):
+            assert cache.self_attention_cache.layers[layer].keys.unique().item() == seq2seq_pair(
+                "decoder", layer, layers
+            )
+        # the cross-attention half of each chunk never reaches the cache PEFT builds (transformers 5.x), so
+        # seq2seq_pair's cross mapping follows PEFT's get_prompt code and cannot be checked against PEFT here
+        assert len(cache.cross_attention_cache.layers) == 0
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_exported_seq2seq_adapter_loads_in_peft_with_the_same_logits(name, tmp_path):
+    peft = pytest.importorskip("peft")
+    from moe_prefix.peft_interop import attach_peft_adapters, export_peft_adapter
+
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, sites=("decoder",))
+    mixture = attach(without_decoder_positions(BUILDERS[name]()), cfg).eval()
+    spread(mixture)
+    with pytest.raises(ValueError, match="same prefix"):  # with 2 layers, PEFT's layer 0 and 1 share one
+        export_peft_adapter(mixture, tmp_path / "refused", expert=1)
+    with torch.no_grad():
+        mixture.bank.kv[:, 1] = mixture.bank.kv[:, 0]
+    with pytest.warns(UserWarning, match=r"pairs \[1\].*zeros"):
+        export_peft_adapter(mixture, tmp_path, expert=1)
+    peft_model = peft.PeftModel.from_pretrained(without_decoder_positions(BUILDERS[name]()), tmp_path).eval()
+    assert peft_model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        got = _forward(mixture, ids, mask, decoder_ids)
+    assert mixture.last_routing.indices[:, 0].eq(1).any() and mixture.last_routing.indices[:, 0].eq(0).any()
+    rows = mixture.last_routing.indices[:, 0] == 1  # PEFT holds expert 1: compare the inputs routed to it
+    assert (got[rows] - expected[rows]).abs().max().item() <= 1e-5
+    # decoder and cross sites round-trip through PEFT's layout; cross prefixes that it makes one must agree
+    both = attach_peft_adapters(BUILDERS[name](), tmp_path, sites=("decoder", "cross"))
+    export_peft_adapter(both, tmp_path / "again")
+    from safetensors.torch import load_file
+
+    first, again = (
+        load_file(str(tmp_path / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "again" / "adapter_model.safetensors")),
+    )
+    assert torch.equal(first["prompt_embeddings"], again["prompt_embeddings"])
+    with torch.no_grad():
+        both.bank.kv[:, 2] += 1.0  # cross layer 0 only
+    with pytest.raises(ValueError, match="cross layer 1 the same prefix"):
+        export_peft_adapter(both, tmp_path / "refused")
+    with pytest.raises(ValueError, match="no encoder prefix"):
+        export_peft_adapter(
+            attach(BUILDERS[name](), PrefixConfig(num_experts=1, prefix_len=2, top_k=1)), tmp_path / "x"
+        )
