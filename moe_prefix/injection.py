@@ -34,9 +34,10 @@ Positions: real tokens keep positions 0..T-1 (PEFT's cache route shifts them to 
 keys never receive rotary embeddings under either convention.
 
 Encoder-decoder models (BART, mBART, T5, ...): `tag_sites` marks every attention module with its site
-(encoder self-attention, decoder self-attention, cross-attention) and its row of the prefix state, since
-encoder and decoder layers share `layer_idx` values and cross-attention modules carry one too. A module
-of a site left out of `prefix.sites` is marked with no row and runs untouched.
+(encoder self-attention, decoder self-attention, cross-attention) and layer, since encoder and decoder
+layers share `layer_idx` values and cross-attention modules carry one too. The prefix state maps
+(site, layer) to its row (`PrefixState.rows`), so mixtures with different `prefix.sites` can share one
+backbone; a module whose site the state has no row for runs untouched.
 
 T5's relative position bias: the prefix positions get zero bias, i.e. a query attends to a prefix key by
 content alone, at every site, and the real tokens keep exactly the bias the frozen model gives them. Prefix
@@ -62,9 +63,7 @@ from .config import SITES  # encoder self-, decoder self-, cross-attention
 SDPA_NAME = "moe_prefix_sdpa"
 EAGER_NAME = "moe_prefix_eager"
 STATE_KWARG = "moe_prefix_state"
-SLOT_ATTR = "_moe_prefix_row"  # on attention modules of encoder-decoder models: their row of the prefix state
-SITE_ATTR = "_moe_prefix_site"  # ... and their site: "encoder", "decoder" or "cross"
-_UNTAGGED = object()
+SITE_ATTR = "_moe_prefix_site"  # on attention modules of encoder-decoder models: (site, layer)
 
 
 @dataclass
@@ -80,6 +79,7 @@ class PrefixState:
     bias: Tensor | None = None
     query_mask: Tensor | None = None  # (b t) real tokens, for probes that average over queries
     decoder_query_mask: Tensor | None = None  # (b t) real decoder tokens (encoder-decoder models), likewise
+    rows: dict[tuple[str, int], int] | None = None  # encoder-decoder models: (site, layer) -> row of kv
     decoupled: Tensor | None = None
     decoupled_kv: Tensor | None = None  # (e l c h p d) when prefix_mode="decoupled"
     decoupled_gate: Tensor | None = None  # (l h) per-layer, per-head gates of the decoupled term
@@ -189,7 +189,7 @@ def _record_probe(state: PrefixState, layer: int, module, query, key_all, mask, 
 
 def _query_mask(state: PrefixState, module) -> Tensor | None:
     """The real-token mask of this module's queries: the decoder's for decoder and cross-attention."""
-    if getattr(module, SITE_ATTR, "encoder") == "encoder":
+    if getattr(module, SITE_ATTR, ("encoder", 0))[0] == "encoder":
         return state.query_mask
     return state.decoder_query_mask
 
@@ -457,10 +457,16 @@ def _make_attention(inner, fused: bool):
 
     def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         state: PrefixState | None = kwargs.pop(STATE_KWARG, None)
-        layer = getattr(module, SLOT_ATTR, _UNTAGGED)  # encoder-decoder models: the module's row, or None
-        if layer is _UNTAGGED:  # single-stack models: one row per layer, cross-attention (BERT's) untouched
+        site = getattr(module, SITE_ATTR, None)
+        if state is None:
+            layer = None
+        elif site is not None:  # encoder-decoder models: the module's row, None where its site has no prefix
+            if state.rows is None:
+                raise ValueError("this prefix state has no rows for an encoder-decoder model; build it with prepare()")
+            layer = state.rows.get(site)
+        else:  # single-stack models: one row per layer, cross-attention (BERT's) untouched
             layer = None if getattr(module, "is_cross_attention", False) else getattr(module, "layer_idx", None)
-        if state is None or layer is None:
+        if layer is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
         if state.capture is not None:
             state.capture[layer] = (key.detach(), value.detach())
@@ -514,10 +520,11 @@ def _attention_modules(stack) -> list:
 
 
 def tag_sites(model, sites: tuple[str, ...]) -> list[tuple[str, int]]:
-    """Mark each attention module of an encoder-decoder model with its site and prefix row.
+    """Mark each attention module of an encoder-decoder model with its (site, layer).
 
-    Returns the rows as (site, layer), ordered encoder self-attention, decoder self-attention, cross-attention,
-    layers ascending within a site, keeping only `sites`; [] for a single-stack model (rows are its layers).
+    Returns the prefix rows as (site, layer), ordered encoder self-attention, decoder self-attention,
+    cross-attention, layers ascending within a site, keeping only `sites`; [] for a single-stack model (rows
+    are its layers).
     The decoder's self-attention is the causal one (BART's `self_attn`, T5's `SelfAttention`); its other
     attention is cross-attention (`encoder_attn`, `EncDecAttention`).
     """
@@ -542,10 +549,9 @@ def tag_sites(model, sites: tuple[str, ...]) -> list[tuple[str, int]]:
         if layers != list(range(len(modules))):
             raise ValueError(f"{type(model).__name__}: {site} attention layer indices {layers} are not 0..n-1")
         for module in modules:
-            module.__dict__[SITE_ATTR] = site  # plain attributes: not parameters, not in any state dict
-            module.__dict__[SLOT_ATTR] = len(rows) if site in sites else None
-            if site in sites:
-                rows.append((site, module.layer_idx))
+            module.__dict__[SITE_ATTR] = (site, module.layer_idx)  # a plain attribute, in no state dict
+        if site in sites:
+            rows.extend((site, layer) for layer in layers)
     return rows
 
 
@@ -556,13 +562,6 @@ def encoder_layers(model):
         if isinstance(module, torch.nn.ModuleList) and len(module):
             return encoder, module
     raise ValueError(f"could not find the encoder layers of {type(model).__name__}")
-
-
-def untag_sites(model) -> None:
-    """Remove what `tag_sites` set (the backbone given back runs as before `attach`)."""
-    for module in model.modules():
-        module.__dict__.pop(SLOT_ATTR, None)
-        module.__dict__.pop(SITE_ATTR, None)
 
 
 @contextmanager

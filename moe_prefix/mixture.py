@@ -191,6 +191,8 @@ class PrefixMixture(nn.Module):
             state.shared_len = cfg.shared_len
         state.query_mask = attention_mask
         state.attention_path = cfg.attention_path
+        if self.rows:
+            state.rows = {where: row for row, where in enumerate(self.rows)}
         routing = MixtureRouting(
             weights=route.weights,
             indices=route.indices,
@@ -319,7 +321,6 @@ class PrefixMixture(nn.Module):
         mixture no longer reaches attention, so attach again rather than calling it afterwards.
         """
         injection.uninstall(self.backbone, self._previous_attn)
-        injection.untag_sites(self.backbone)
         return self.backbone
 
 

@@ -559,3 +559,19 @@ def test_exported_seq2seq_adapter_loads_in_peft_with_the_same_logits(name, tmp_p
         export_peft_adapter(
             attach(BUILDERS[name](), PrefixConfig(num_experts=1, prefix_len=2, top_k=1)), tmp_path / "x"
         )
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_mixtures_with_other_sites_share_one_backbone(name):
+    """The rows travel with each forward's prefix state, not on the modules: attaching again changes nothing."""
+    backbone = BUILDERS[name]()
+    first = attach(backbone, PrefixConfig(num_experts=2, prefix_len=3, top_k=1, sites=("decoder",))).eval()
+    spread(first)
+    attach(backbone, PrefixConfig(num_experts=2, prefix_len=3, top_k=1, sites=("encoder", "cross")))
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        got = _forward(first, ids, mask, decoder_ids)
+        expected = reference_model(name, first, first.last_routing)(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids
+        ).logits
+    assert (got - expected).abs().max().item() <= 1e-5
