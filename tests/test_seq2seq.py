@@ -575,3 +575,40 @@ def test_mixtures_with_other_sites_share_one_backbone(name):
             input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids
         ).logits
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_fold_keeps_the_outputs_of_a_reparameterised_bank(name):
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, reparam=True, reparam_hidden=16, init_std=1.0)
+    mixture = attach(BUILDERS[name](), cfg).eval()
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        before = _forward(mixture, ids, mask, decoder_ids)
+        mixture.fold()
+        after = _forward(mixture, ids, mask, decoder_ids)
+    assert mixture.bank.kv.shape[1] == 6 and torch.allclose(before, after, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_decoupled_prefix_starts_as_the_frozen_model_and_moves_with_its_gates(name):
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, prefix_mode="decoupled", init_std=1.0)
+    mixture = attach(BUILDERS[name](), cfg).eval()
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        bare = BUILDERS[name]()(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        assert mixture.gate.shape == (6, 2)  # one gate per row (site, layer) and head
+        assert (_forward(mixture, ids, mask, decoder_ids) - bare).abs().max().item() <= 1e-6
+        mixture.gate.fill_(1.0)
+        assert (_forward(mixture, ids, mask, decoder_ids) - bare).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_candidate_router_features_read_the_encoder_layers(name):
+    mixture = attach(BUILDERS[name](), PrefixConfig(num_experts=2, prefix_len=3))
+    ids, mask, _ = batch("right")
+    features = mixture.candidate_router_features(ids, mask)
+    assert list(features) == ["embeddings", "hidden1", "hidden2"]  # the encoder's 2 layers
+    with torch.no_grad():
+        hidden = mixture.backbone.get_encoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    expected = (hidden.hidden_states[1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(features["hidden1"], expected, atol=1e-6)
