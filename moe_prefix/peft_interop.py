@@ -304,7 +304,11 @@ def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Ten
         length = int((weights * per_bank).sum().round().item())
     kv = kv[..., :length, :]
     if mixture.shared is not None:  # every input attends to the shared positions with weight one, as PEFT's do
-        kv = torch.cat([mixture.shared.tensor()[0].detach().to(kv), kv], -2)
+        with torch.no_grad():
+            shared = mixture.shared.tensor().detach()
+        if mixture.rows:
+            shared = _seq2seq_pairs(mixture, shared)
+        kv = torch.cat([shared[0].to(kv), kv], -2)
     if kv.shape[-2] == 0:
         raise ValueError("the chosen experts have prefix length 0: there is nothing to export")
     return kv

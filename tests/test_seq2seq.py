@@ -612,3 +612,25 @@ def test_candidate_router_features_read_the_encoder_layers(name):
         hidden = mixture.backbone.get_encoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     expected = (hidden.hidden_states[1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     assert torch.allclose(features["hidden1"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_shared_prefix_on_a_seq2seq_mixture_exports_to_peft(name, tmp_path):
+    """prefix.shared_len on the decoder site: PEFT's logits from the exported [shared, routed] prefix."""
+    peft = pytest.importorskip("peft")
+    from moe_prefix.peft_interop import export_peft_adapter
+
+    cfg = PrefixConfig(num_experts=1, prefix_len=2, top_k=1, shared_len=2, sites=("decoder",), init_std=1.0)
+    mixture = attach(without_decoder_positions(BUILDERS[name]()), cfg).eval()
+    with torch.no_grad():  # PEFT's layout makes the two decoder layers' prefixes one (see above)
+        mixture.bank.kv[:, 1] = mixture.bank.kv[:, 0]
+        mixture.shared.kv[:, 1] = mixture.shared.kv[:, 0]
+    with pytest.warns(UserWarning, match="zeros"):
+        export_peft_adapter(mixture, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(without_decoder_positions(BUILDERS[name]()), tmp_path).eval()
+    assert peft_model.peft_config["default"].num_virtual_tokens == 4
+    ids, mask, decoder_ids = batch("right")
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        got = _forward(mixture, ids, mask, decoder_ids)
+    assert (got - expected).abs().max().item() <= 1e-5
