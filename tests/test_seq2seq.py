@@ -205,6 +205,11 @@ def test_sites_are_validated():
         PrefixConfig(sites=("encoder", "decoders"))
     with pytest.raises(ValueError, match="prefix.sites"):
         PrefixConfig(sites=())
+    from moe_prefix.train.run_config import ConfigError, load_config
+
+    assert load_config(None, ["prefix.sites=[cross,decoder]"]).prefix.sites == ("decoder", "cross")
+    with pytest.raises(ConfigError, match=r"prefix.sites=\['decoders'\]"):
+        load_config(None, ["prefix.sites=[decoders]"])
 
 
 CASES = [
