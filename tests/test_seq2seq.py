@@ -162,7 +162,7 @@ def batch(pad_side: str, b: int = 3, t: int = 7, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (b, t), generator=g)
     mask = torch.ones(b, t, dtype=torch.long)
-    for row, n in enumerate([0, 2, 4][:b]):  # rows padded by 0, 2, 4 tokens
+    for row, n in enumerate([0, 2, 4][:b] if pad_side != "none" else []):  # rows padded by 0, 2, 4 tokens
         if n:
             mask[row, -n:] = 0 if pad_side == "right" else 1
             if pad_side == "left":
@@ -225,7 +225,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("pad_side", ["left", "right"])
+@pytest.mark.parametrize("pad_side", ["left", "right", "none"])
 @pytest.mark.parametrize("combine,length,sites,training", CASES)
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_mixture_matches_hand_written_attention(name, combine, length, sites, training, pad_side):
