@@ -17,6 +17,7 @@ PREFIX_MODES = ("softmax", "decoupled")
 ROUTER_INITS = ("random", "kmeans")
 EXPERT_INITS = ("independent", "upcycle")
 ATTENTION_PATHS = ("auto", "split", "joint")
+SITES = ("encoder", "decoder", "cross")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -72,6 +73,8 @@ class PrefixConfig:
     # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
     attention_path: str = "auto"  # split: tokens on the fused kernel, prefix beside, merged by log-sum-exp (an
     # error where it cannot run); joint: one softmax over [prefix, tokens]; auto: split on CUDA where it applies
+    sites: tuple[str, ...] = SITES  # encoder-decoder backbones only: where prefixes go, among encoder
+    # self-attention, decoder self-attention and cross-attention (all three, as Li & Liang did on BART)
     train_modules: tuple[str, ...] = field(default_factory=tuple)  # backbone parameter-name prefixes that train
     # (a freshly initialised task head such as "classifier" or "score")
 
@@ -126,6 +129,11 @@ class PrefixConfig:
         if self.prefix_mode == "decoupled" and self.length != "fixed":
             raise ValueError("prefix.prefix_mode=decoupled supports only prefix.length=fixed")
         self.train_modules = tuple(self.train_modules)
+        sites = tuple(self.sites) if isinstance(self.sites, (list, tuple)) else (self.sites,)
+        unknown = [site for site in sites if site not in SITES]
+        if unknown or not sites or len(set(sites)) != len(sites):
+            raise ValueError(f"prefix.sites={list(sites)} must be distinct entries of {', '.join(SITES)}, at least one")
+        self.sites = tuple(site for site in SITES if site in sites)
 
     @property
     def k(self) -> int:

@@ -32,6 +32,18 @@ q - query tokens, t - key tokens, p - prefix positions, d - head dim, l - layers
 
 Positions: real tokens keep positions 0..T-1 (PEFT's cache route shifts them to P..P+T-1); prefix
 keys never receive rotary embeddings under either convention.
+
+Encoder-decoder models (BART, mBART, T5, ...): `tag_sites` marks every attention module with its site
+(encoder self-attention, decoder self-attention, cross-attention) and layer, since encoder and decoder
+layers share `layer_idx` values and cross-attention modules carry one too. The prefix state maps
+(site, layer) to its row (`PrefixState.rows`), so mixtures with different `prefix.sites` can share one
+backbone; a module whose site the state has no row for runs untouched.
+
+T5's relative position bias: the prefix positions get zero bias, i.e. a query attends to a prefix key by
+content alone, at every site, and the real tokens keep exactly the bias the frozen model gives them. Prefix
+keys thus carry no position, as under rotary embeddings above, and an example's attention does not depend
+on its padding. (PEFT's cache route instead places the prefix at positions 0..P-1 before the decoder tokens
+and gives it the bucketed bias of that distance; the two agree when the bias table is zero.)
 """
 
 from __future__ import annotations
@@ -46,9 +58,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .config import SITES  # encoder self-, decoder self-, cross-attention
+
 SDPA_NAME = "moe_prefix_sdpa"
 EAGER_NAME = "moe_prefix_eager"
 STATE_KWARG = "moe_prefix_state"
+SITE_ATTR = "_moe_prefix_site"  # on attention modules of encoder-decoder models: (site, layer)
 
 
 @dataclass
@@ -63,6 +78,8 @@ class PrefixState:
     kv: Tensor | None
     bias: Tensor | None = None
     query_mask: Tensor | None = None  # (b t) real tokens, for probes that average over queries
+    decoder_query_mask: Tensor | None = None  # (b t) real decoder tokens (encoder-decoder models), likewise
+    rows: dict[tuple[str, int], int] | None = None  # encoder-decoder models: (site, layer) -> row of kv
     decoupled: Tensor | None = None
     decoupled_kv: Tensor | None = None  # (e l c h p d) when prefix_mode="decoupled"
     decoupled_gate: Tensor | None = None  # (l h) per-layer, per-head gates of the decoupled term
@@ -126,12 +143,17 @@ def _extended_mask(mask: Tensor | None, bias: Tensor | None, b: int, q: int, p: 
     return torch.cat([prefix, mask], -1)
 
 
-def eager_attention(module, query, key, value, mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain softmax attention with GQA, returning weights (used when the model asked for eager)."""
+def eager_attention(module, query, key, value, mask, scaling=None, dropout=0.0, position_bias=None, **kwargs):
+    """Plain softmax attention with GQA, returning weights (used when the model asked for eager).
+
+    position_bias: T5's additive relative position bias (b|1 h q t), added before the mask as T5 does.
+    """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -139,13 +161,15 @@ def eager_attention(module, query, key, value, mask, scaling=None, dropout=0.0, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _record_probe(state: PrefixState, layer: int, module, query, key_all, mask, scaling) -> None:
+def _record_probe(state: PrefixState, layer: int, module, query, key_all, mask, scaling, position_bias=None) -> None:
     """λ of He et al. (2022): the share of each query's attention that lands on the prefix."""
     p = state.kv.shape[-2] if state.kv is not None else 0
     groups = query.shape[1] // key_all.shape[1]
     keys = repeat_kv(key_all, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query.float(), keys.float().transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias.float()
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -156,11 +180,18 @@ def _record_probe(state: PrefixState, layer: int, module, query, key_all, mask, 
     mass = weights[..., s:].unflatten(-1, (blocks, (p - s) // blocks)).sum(-1)  # (b h q blocks)
     if s:
         mass = torch.cat([weights[..., :s].sum(-1, keepdim=True), mass], -1)  # (b h q 1+blocks)
-    qmask = state.query_mask
+    qmask = _query_mask(state, module)
     if qmask is None or qmask.shape[-1] != query.shape[2]:
         qmask = torch.ones(query.shape[0], query.shape[2], device=query.device)
     qmask = qmask.to(mass.dtype)[:, None, :, None]
     state.probes[layer] = (mass * qmask).sum(2) / qmask.sum(2).clamp_min(1)
+
+
+def _query_mask(state: PrefixState, module) -> Tensor | None:
+    """The real-token mask of this module's queries: the decoder's for decoder and cross-attention."""
+    if getattr(module, SITE_ATTR, ("encoder", 0))[0] == "encoder":
+        return state.query_mask
+    return state.decoder_query_mask
 
 
 def _decoupled_term(state: PrefixState, layer: int, query: Tensor, scaling) -> Tensor:
@@ -328,7 +359,9 @@ def split_attention(q, k, v, prefix_key, prefix_value, bias, mask, causal: bool,
         return _split_forward(kernel, q, k, v, prefix_key, prefix_value, bias, mask, causal, scale)[0]
 
 
-def _token_mask(state: PrefixState, mask: Tensor, query: Tensor, causal_model: bool) -> tuple[Tensor | None, bool]:
+def _token_mask(
+    state: PrefixState, mask: Tensor, query: Tensor, causal_model: bool, module=None
+) -> tuple[Tensor | None, bool]:
     """The token part's mask for the fused kernel, and whether `is_causal` without a mask replaces it.
 
     Built once per forward for each mask object the model passes (every layer passes the same one).
@@ -342,10 +375,10 @@ def _token_mask(state: PrefixState, mask: Tensor, query: Tensor, causal_model: b
         return hit[1], hit[2]
     b, q, t = query.shape[0], query.shape[2], mask.shape[-1]
     causal = False
-    query_mask = state.query_mask
+    query_mask = _query_mask(state, module)  # the queries' own real tokens (the decoder's in a decoder)
     # (checked for causal models only: it reads the mask on the host, a GPU sync, once per forward)
     if causal_model and mask.dtype == torch.bool and q == t and query_mask is not None and query_mask.shape[-1] == q:
-        real = _expand_batch(state.query_mask, b).bool()[:, None, :, None]  # (b 1 q 1)
+        real = _expand_batch(query_mask, b).bool()[:, None, :, None]  # (b 1 q 1)
         tril = torch.ones(q, t, dtype=torch.bool, device=mask.device).tril()
         causal = bool(((mask == tril) | ~real).all())
     additive = None
@@ -403,7 +436,8 @@ def _try_split(module, state, query, key, value, attention_mask, prefix, fused, 
         if attention_mask is None:
             mask, causal = None, bool(getattr(module, "is_causal", False)) and q > 1
         else:
-            mask, causal = _token_mask(state, attention_mask, query, bool(getattr(module, "is_causal", False)))
+            causal_model = bool(getattr(module, "is_causal", False))
+            mask, causal = _token_mask(state, attention_mask, query, causal_model, module)
         kernel = _fused_kernel(query, mask is not None)
         if kernel is None:
             blocker = f"no fused kernel returns a log-sum-exp on {query.device.type} for head size {query.shape[-1]}"
@@ -423,8 +457,16 @@ def _make_attention(inner, fused: bool):
 
     def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         state: PrefixState | None = kwargs.pop(STATE_KWARG, None)
-        layer = getattr(module, "layer_idx", None)
-        if state is None or layer is None or getattr(module, "is_cross_attention", False):
+        site = getattr(module, SITE_ATTR, None)
+        if state is None:
+            layer = None
+        elif site is not None:  # encoder-decoder models: the module's row, None where its site has no prefix
+            if state.rows is None:
+                raise ValueError("this prefix state has no rows for an encoder-decoder model; build it with prepare()")
+            layer = state.rows.get(site)
+        else:  # single-stack models: one row per layer, cross-attention (BERT's) untouched
+            layer = None if getattr(module, "is_cross_attention", False) else getattr(module, "layer_idx", None)
+        if layer is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
         if state.capture is not None:
             state.capture[layer] = (key.detach(), value.detach())
@@ -451,8 +493,13 @@ def _make_attention(inner, fused: bool):
         mask = _extended_mask(attention_mask, bias, b, q, p, query.dtype)
         key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
         value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
+        position_bias = kwargs.get("position_bias")
+        if position_bias is not None:
+            # T5: zero bias on the prefix columns (content-only attention to the prefix, see the module docstring)
+            zeros = position_bias.new_zeros(*position_bias.shape[:-1], p)
+            kwargs["position_bias"] = position_bias = torch.cat([zeros, position_bias], -1)
         if state.probe_blocks:
-            _record_probe(state, layer, module, query, key, mask, scaling)
+            _record_probe(state, layer, module, query, key, mask, scaling, position_bias)
         # The causal structure now lives in the explicit mask: prefix columns are visible to every query.
         kwargs["is_causal"] = False
         out, weights = inner(module, query, key, value, mask, **kwargs)
@@ -465,6 +512,56 @@ AttentionInterface.register(SDPA_NAME, _make_attention(sdpa_attention_forward, f
 AttentionInterface.register(EAGER_NAME, _make_attention(eager_attention, fused=False))
 AttentionMaskInterface.register(SDPA_NAME, sdpa_mask)
 AttentionMaskInterface.register(EAGER_NAME, sdpa_mask)  # our eager takes bool masks too
+
+
+def _attention_modules(stack) -> list:
+    """The modules of one stack that call the attention interface, in layer order."""
+    return [m for m in stack.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal") and hasattr(m, "config")]
+
+
+def tag_sites(model, sites: tuple[str, ...]) -> list[tuple[str, int]]:
+    """Mark each attention module of an encoder-decoder model with its (site, layer).
+
+    Returns the prefix rows as (site, layer), ordered encoder self-attention, decoder self-attention,
+    cross-attention, layers ascending within a site, keeping only `sites`; [] for a single-stack model (rows
+    are its layers).
+    The decoder's self-attention is the causal one (BART's `self_attn`, T5's `SelfAttention`); its other
+    attention is cross-attention (`encoder_attn`, `EncDecAttention`).
+    """
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return []
+    found: dict[str, list] = {site: [] for site in SITES}
+    found["encoder"] = _attention_modules(model.get_encoder())
+    for module in _attention_modules(model.get_decoder()):
+        found["decoder" if module.is_causal else "cross"].append(module)
+    heads = {getattr(m, "num_heads", None) or getattr(m, "n_heads", None) for site in SITES for m in found[site]}
+    if len(heads) != 1:
+        raise ValueError(
+            f"{type(model).__name__}: attention modules have different head counts {sorted(heads)}; "
+            "one prefix bank needs one head count"
+        )
+    rows: list[tuple[str, int]] = []
+    for site in SITES:
+        modules = found[site]
+        if not modules:
+            raise ValueError(f"found no {site} attention modules in {type(model).__name__}")
+        layers = [m.layer_idx for m in modules]
+        if layers != list(range(len(modules))):
+            raise ValueError(f"{type(model).__name__}: {site} attention layer indices {layers} are not 0..n-1")
+        for module in modules:
+            module.__dict__[SITE_ATTR] = (site, module.layer_idx)  # a plain attribute, in no state dict
+        if site in sites:
+            rows.extend((site, layer) for layer in layers)
+    return rows
+
+
+def encoder_layers(model):
+    """The encoder of an encoder-decoder model and its list of layers (BART's `layers`, T5's `block`)."""
+    encoder = model.get_encoder()
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            return encoder, module
+    raise ValueError(f"could not find the encoder layers of {type(model).__name__}")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ h - key/value heads, p - prefix positions, d - head dim, m - feature width.
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -71,6 +72,13 @@ class PrefixMixture(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         self.dims = BackboneDims.from_config(backbone.config)
+        # Encoder-decoder backbones: one bank row per prefixed attention module, (site, layer) each, in
+        # prefix.sites; a single-stack backbone has one row per layer and rows == [].
+        self.rows = injection.tag_sites(backbone, cfg.sites)
+        if self.rows:
+            self.dims = replace(self.dims, num_layers=len(self.rows))
+            if cfg.init == "tokens":
+                raise ValueError("prefix.init=tokens is not supported on encoder-decoder backbones; use init=random")
         for name, param in backbone.named_parameters():
             param.requires_grad_(any(name.startswith(prefix) for prefix in cfg.train_modules))
         if cfg.router_input == "group":
@@ -114,7 +122,7 @@ class PrefixMixture(nn.Module):
 
         For choosing prefix.router_input / router_layer before training (`moe-prefix router-features`).
         """
-        layers = _decoder_layers(self.backbone, self.dims.num_layers)
+        stack, layers = self._router_stack()
         outputs: list[Tensor] = []
 
         def keep(_module, _args, output):
@@ -122,7 +130,7 @@ class PrefixMixture(nn.Module):
 
         handles = [layer.register_forward_hook(keep) for layer in layers]
         try:
-            self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            stack(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             for handle in handles:
                 handle.remove()
@@ -132,9 +140,15 @@ class PrefixMixture(nn.Module):
             features[f"hidden{depth}"] = _masked_mean(hidden.float(), attention_mask)
         return features
 
+    def _router_stack(self) -> tuple[nn.Module, nn.ModuleList]:
+        """What the router's pre-pass runs and its layers: the encoder of an encoder-decoder backbone."""
+        if self.rows:
+            return injection.encoder_layers(self.backbone)
+        return self.backbone, _decoder_layers(self.backbone, self.dims.num_layers)
+
     def _pre_pass(self, input_ids, attention_mask) -> Tensor:
         """Hidden states after the first router_layer layers of the frozen model, without any prefix."""
-        layers = _decoder_layers(self.backbone, self.dims.num_layers)
+        stack, layers = self._router_stack()
         if self.cfg.router_layer > len(layers):
             raise ValueError(f"prefix.router_layer={self.cfg.router_layer} exceeds the {len(layers)} layers")
 
@@ -143,7 +157,7 @@ class PrefixMixture(nn.Module):
 
         handle = layers[self.cfg.router_layer - 1].register_forward_hook(stop)
         try:
-            self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            stack(input_ids=input_ids, attention_mask=attention_mask)
         except _PrePassDone as done:
             return done.hidden
         finally:
@@ -177,6 +191,8 @@ class PrefixMixture(nn.Module):
             state.shared_len = cfg.shared_len
         state.query_mask = attention_mask
         state.attention_path = cfg.attention_path
+        if self.rows:
+            state.rows = {where: row for row, where in enumerate(self.rows)}
         routing = MixtureRouting(
             weights=route.weights,
             indices=route.indices,
@@ -223,6 +239,8 @@ class PrefixMixture(nn.Module):
             and self._takes_position_ids
         ):
             kwargs["position_ids"] = positions_from_mask(attention_mask)
+        if self.rows:
+            state.decoder_query_mask = kwargs.get("decoder_attention_mask")
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **{STATE_KWARG: state}, **kwargs)
 
     @torch.no_grad()

@@ -14,6 +14,18 @@ training: PEFT's `save_pretrained` writes the MLP's output, so the folder is rea
 folder holding the raw prompt-encoder weights (`embedding.weight`, `transform.{0,2}.{weight,bias}`,
 e.g. from a full training checkpoint) is projected here with the same MLP.
 
+Encoder-decoder models (task_type SEQ_2_SEQ_LM, num_transformer_submodules=2): the same (p (l c h d))
+tensor, its l = L key/value pairs read by PEFT's `get_prompt` in an unexpected order. It views them as
+(2L) keys-and-values, concatenates that with itself and cuts it into L chunks of four, (self key, self value,
+cross key, cross value) for decoder layer i: so layer i's self-attention reads pair (2i mod L) and its
+cross-attention pair (2i+1 mod L) (`seq2seq_pair`). With L even, layers i and i+L/2 share their prefixes.
+The encoder gets none. With transformers 5.x (checked with peft 0.21.2 and transformers 5.24) only the
+self-attention part takes effect in a forward pass (the cross-attention cache PEFT builds arrives empty),
+and `generate()` drops the prefix altogether (PEFT passes `past_key_values`, which transformers now calls
+`cache`, and the empty cache generate() made wins). Imports therefore fill the decoder self-attention
+rows (prefix.sites=["decoder"], which reproduces PEFT's forward logits) and, when asked, the
+cross-attention rows with the pairs PEFT's layout assigns them.
+
 Position convention: PEFT feeds its prefix through the key/value cache, so the real tokens sit at
 positions P..P+T-1 (P = num_virtual_tokens) whatever the padding. moe_prefix keeps real tokens at
 0..T-1 (padding-invariant, needed for per-example lengths). The prefix keys carry no position in
@@ -69,10 +81,10 @@ def _read_config(folder: Path) -> dict:
             f"{folder} holds a {peft_type} adapter; only PEFT prefix tuning (peft_type=PREFIX_TUNING) "
             "maps onto prefix banks"
         )
-    if config.get("num_transformer_submodules", 1) != 1:
+    if config.get("num_transformer_submodules", 1) not in (1, 2):
         raise ValueError(
-            f"{folder} is an encoder-decoder prefix (num_transformer_submodules="
-            f"{config['num_transformer_submodules']}); only single-stack models are supported"
+            f"{folder}: num_transformer_submodules={config['num_transformer_submodules']} is neither 1 "
+            "(a single stack) nor 2 (an encoder-decoder model)"
         )
     for key in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"):
         if not isinstance(config.get(key), int):
@@ -102,6 +114,11 @@ def _project(weights: dict[str, Tensor], folder: Path) -> Tensor:
         found[suffix] = weights[matches[0]].float()
     hidden = torch.tanh(found["embedding.weight"] @ found["transform.0.weight"].T + found["transform.0.bias"])
     return hidden @ found["transform.2.weight"].T + found["transform.2.bias"]  # (p (l c h d))
+
+
+def seq2seq_pair(site: str, layer: int, num_layers: int) -> int:
+    """The key/value pair of a PEFT seq2seq prefix that decoder `layer`'s self- or cross-attention reads."""
+    return (2 * layer + (site == "cross")) % num_layers
 
 
 def load_peft_prefix(folder: PathLike, dims: BackboneDims | None = None) -> tuple[Tensor, dict]:
@@ -145,7 +162,9 @@ def attach_peft_adapters(
 ) -> PrefixMixture:
     """Wrap a base model with a mixture whose experts are PEFT prefix-tuning adapters.
 
-    One folder gives a one-expert mixture (PEFT's adapter, unchanged). Several folders become the
+    One folder gives a one-expert mixture (PEFT's adapter, unchanged). On an encoder-decoder model the
+    default is prefix.sites=["decoder"], the one site PEFT's prefix reaches; sites=["decoder", "cross"]
+    also puts each layer's prefix into cross-attention, as PEFT's cache layout intends. Several folders become the
     experts of one mixture, in the order given, behind a fresh router ("upcycling"); train the router
     (and optionally the banks) afterwards. All adapters must have the same num_virtual_tokens.
 
@@ -162,12 +181,23 @@ def attach_peft_adapters(
         raise ValueError("attach_peft_adapters needs at least one adapter folder")
     dims = BackboneDims.from_config(model.config)
     loaded = [load_peft_prefix(folder, dims) for folder in folders]
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    for folder, (_, config) in zip(folders, loaded, strict=True):
+        if (config.get("num_transformer_submodules", 1) == 2) != seq2seq:
+            kind = "an encoder-decoder" if seq2seq else "a single-stack"
+            raise ValueError(
+                f"{folder}: num_transformer_submodules={config.get('num_transformer_submodules', 1)} does not fit "
+                f"{kind} model ({type(model).__name__})"
+            )
     lengths = {str(folder): kv.shape[-2] for folder, (kv, _) in zip(folders, loaded, strict=True)}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"all adapters must share num_virtual_tokens to become experts of one bank: {lengths}")
     P = next(iter(lengths.values()))
     if cfg is None:
-        cfg = PrefixConfig(**{"num_experts": len(folders), "prefix_len": P, "top_k": 1, **overrides})
+        defaults = {"num_experts": len(folders), "prefix_len": P, "top_k": 1}
+        if seq2seq:
+            defaults["sites"] = ("decoder",)
+        cfg = PrefixConfig(**{**defaults, **overrides})
     elif overrides:
         raise ValueError("pass either a PrefixConfig or keyword overrides, not both")
     if cfg.num_experts != len(folders) or cfg.prefix_len != P:
@@ -177,8 +207,13 @@ def attach_peft_adapters(
         )
     if cfg.reparam:
         raise ValueError("imported prefixes are plain tensors: use reparam=False")
+    if seq2seq and "encoder" in cfg.sites:
+        raise ValueError("a PEFT seq2seq prefix has no encoder part: use prefix.sites among decoder, cross")
     mixture = attach(model, cfg)
-    mixture.bank.set_from_activations(torch.stack([kv for kv, _ in loaded]))
+    banks = torch.stack([kv for kv, _ in loaded])  # (e l c h p d)
+    if mixture.rows:  # PEFT's seq2seq layout: decoder layer i's site reads pair seq2seq_pair(site, i, L)
+        banks = banks[:, [seq2seq_pair(site, layer, banks.shape[1]) for site, layer in mixture.rows]]
+    mixture.bank.set_from_activations(banks)
     return mixture
 
 
@@ -191,10 +226,40 @@ def _task_type(model: nn.Module) -> str:
         ("ForSequenceClassification", "SEQ_CLS"),
         ("ForTokenClassification", "TOKEN_CLS"),
         ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
     ):
         if name.endswith(suffix):
             return task
     return "FEATURE_EXTRACTION"
+
+
+def _seq2seq_pairs(mixture: PrefixMixture, bank: Tensor) -> Tensor:
+    """An encoder-decoder bank (e rows c h p d) in PEFT's seq2seq layout of L pairs (e l c h p d)."""
+    sites = mixture.cfg.sites
+    if "encoder" in sites:
+        raise ValueError(
+            f"prefix.sites={list(sites)}: a PEFT seq2seq adapter has no encoder prefix; export a mixture with "
+            "sites among decoder, cross"
+        )
+    L = 1 + max(layer for _, layer in mixture.rows)
+    pairs: list[Tensor | None] = [None] * L
+    for row, (site, layer) in enumerate(mixture.rows):
+        j = seq2seq_pair(site, layer, L)
+        if pairs[j] is not None and not torch.equal(pairs[j], bank[:, row]):
+            raise ValueError(
+                f"PEFT's seq2seq layout gives {site} layer {layer} the same prefix (pair {j}) as another site "
+                "or layer whose prefix differs here: no PEFT adapter equals this mixture"
+            )
+        pairs[j] = bank[:, row]
+    unused = [j for j, pair in enumerate(pairs) if pair is None]
+    if unused:
+        warnings.warn(
+            f"pairs {unused} of the PEFT seq2seq layout belong to sites this mixture has no prefix on; they are "
+            "written as zeros (PEFT 0.21 with transformers 5.x reads decoder self-attention pairs only)",
+            stacklevel=3,
+        )
+    zeros = torch.zeros_like(bank[:, 0])
+    return torch.stack([zeros if pair is None else pair for pair in pairs], 1)
 
 
 def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Tensor:
@@ -212,6 +277,8 @@ def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Ten
             raise ValueError("give exactly one of expert (an index) or routing (a weight per expert)")
     with torch.no_grad():
         bank = mixture.bank.tensor().detach()  # folds a reparameterised bank without touching the mixture
+    if mixture.rows:
+        bank = _seq2seq_pairs(mixture, bank)
     E, P = cfg.num_experts, cfg.prefix_len
     if expert is not None:
         if not 0 <= expert < E:
@@ -237,7 +304,11 @@ def _exported_prefix(mixture: PrefixMixture, expert: int | None, routing) -> Ten
         length = int((weights * per_bank).sum().round().item())
     kv = kv[..., :length, :]
     if mixture.shared is not None:  # every input attends to the shared positions with weight one, as PEFT's do
-        kv = torch.cat([mixture.shared.tensor()[0].detach().to(kv), kv], -2)
+        with torch.no_grad():
+            shared = mixture.shared.tensor().detach()
+        if mixture.rows:
+            shared = _seq2seq_pairs(mixture, shared)
+        kv = torch.cat([shared[0].to(kv), kv], -2)
     if kv.shape[-2] == 0:
         raise ValueError("the chosen experts have prefix length 0: there is nothing to export")
     return kv
@@ -256,7 +327,9 @@ def export_peft_adapter(
     exporting the blended prefix sum_e w_e bank_e that combine=blend produces for that routing. With
     length=expert the prefix is cut to the length evaluation would keep. A reparameterised bank is
     exported folded. task_type defaults from the model class (CAUSAL_LM, SEQ_CLS, ...). A trained task
-    head (cfg.train_modules) is not part of a prefix-tuning adapter and is not exported.
+    head (cfg.train_modules) is not part of a prefix-tuning adapter and is not exported. An encoder-decoder
+    mixture exports a SEQ_2_SEQ_LM adapter in PEFT's layout (see the module docstring), when the prefixes that
+    layout makes one are equal here; pairs of sites without a prefix are written as zeros, with a warning.
 
     Positions: PEFT will place real tokens at P..P+T-1, P the exported length; our mixture reproduces
     the exported adapter's logits with `position_ids=peft_position_ids(input_ids, P)`.
@@ -278,7 +351,7 @@ def export_peft_adapter(
         "num_attention_heads": heads,  # key/value heads, as PEFT stores them for grouped-query models
         "token_dim": heads * head_dim,
         "encoder_hidden_size": heads * head_dim,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 2 if mixture.rows else 1,
         "prefix_projection": False,  # the prefix is stored as the tensor it is
         "inference_mode": True,
         "base_model_name_or_path": getattr(backbone.config, "_name_or_path", None) or None,

@@ -159,3 +159,18 @@ def test_script_writes_json(tmp_path, monkeypatch, capsys):
     assert written["command"].startswith("python scripts/bench.py --quick")
     assert "ratios (median of per-repetition paired ratios" in capsys.readouterr().out
     assert "| moe1_vs_peft |" in md.read_text()
+
+
+def test_seq2seq_preset_runs_peft_and_every_site_arm_on_a_tiny_bart():
+    """The seq2seq preset's arms and ratios on a tiny BART (BART-base's geometry is the only difference)."""
+    assert [(g.model, g.seq2seq) for g in PRESETS["seq2seq"]] == [("bart-base-config", True)]
+    cfg = BenchConfig(reps=2, warmup=1, memory=False, prefix_len=4)
+    groups = (PresetGroup("tiny_bart", "tiny-bart", False, 2, 12, seq2seq=True),)
+    results = json.loads(json.dumps(run_preset("seq2seq", cfg, log=lambda msg: None, groups=groups)))
+    arms = results["groups"]["tiny_bart"]
+    assert set(arms) == {"frozen_forward", "peft_prefix", "moe1_decoder", "moe1", "moe4_top2_blend"}
+    assert arms["moe1_decoder"]["sites"] == ["decoder"] and arms["moe1"]["sites"] == ["encoder", "decoder", "cross"]
+    # one prefix row per site and layer: two more sites hold 2 x (2 layers x k,v x 4 heads x P=4 x 8 dims)
+    assert arms["moe1"]["trainable"] - arms["moe1_decoder"]["trainable"] == 2 * (2 * 2 * 4 * 4 * 8)
+    for key in ("moe1_vs_peft", "moe1_decoder_vs_peft", "moe4_top2_vs_peft", "moe4_top2_vs_forward"):
+        assert results["ratios"][f"tiny_bart/{key}"] > 0

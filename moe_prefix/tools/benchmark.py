@@ -684,6 +684,7 @@ class PresetGroup:
     decoder: bool
     batch: int
     seq_len: int  # decoders unpadded (the frozen model runs flash with is_causal); encoders padded as above
+    seq2seq: bool = False  # an encoder-decoder LM (`seq2seq_group`): seq_len encoder tokens, seq_len // 2 targets
 
 
 PRESETS = {
@@ -694,7 +695,13 @@ PRESETS = {
         PresetGroup("minilm_32x64", "minilm-config", False, 32, 64),
     ),
 }
-PRESET_SETTINGS = {"gpu": {"device": "cuda", "dtype": "bfloat16", "reps": 10, "warmup": 3}}  # unless given
+PRESETS["seq2seq"] = (  # issue 26: BART-base's geometry from its config, on the CPU, beside PEFT
+    PresetGroup("bart_base_4x64", "bart-base-config", False, 4, 64, seq2seq=True),
+)
+PRESET_SETTINGS = {  # unless given
+    "gpu": {"device": "cuda", "dtype": "bfloat16", "reps": 10, "warmup": 3},
+    "seq2seq": {"reps": 5, "warmup": 1},
+}
 PRESET_TARGETS = {  # ratio -> the largest value that meets it
     "gpu": {
         "llama1b_16x256/moe1_vs_peft": 0.95,
@@ -711,6 +718,8 @@ def preset_group(spec: PresetGroup, cfg: BenchConfig) -> Group:
     `auto` splits where it applies (CUDA, no attention dropout in training): MiniLM keeps its attention
     dropout of 0.1 in the main arms, so those run joint; the `_nodrop` arms show the split there.
     """
+    if spec.seq2seq:
+        return seq2seq_group(spec, cfg)
     dev = cfg.device
     with torch.device(dev):  # initialising 1.1B parameters on the host would take minutes
         backbone = _to((load_decoder if spec.decoder else load_encoder)(spec.model), cfg)
@@ -797,6 +806,82 @@ def preset_group(spec: PresetGroup, cfg: BenchConfig) -> Group:
     return Group(spec.name, arms, notes)
 
 
+def load_seq2seq(name: str) -> nn.Module:
+    """An encoder-decoder LM: BART-base's or a tiny BART's geometry from a config, else an asset or folder."""
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration
+
+    sizes = {
+        # facebook/bart-base: 6 + 6 layers, 768 wide, 12 heads, FFN 3072, vocabulary 50265, dropout 0.1
+        "bart-base-config": dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
+                                 encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                                 decoder_ffn_dim=3072, max_position_embeddings=1024, dropout=0.1),
+        "tiny-bart": dict(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=128),
+    }  # fmt: skip
+    if name in sizes:
+        torch.manual_seed(0)
+        return BartForConditionalGeneration(BartConfig(**sizes[name], pad_token_id=1, bos_token_id=0, eos_token_id=2))
+    from moe_prefix.train.assets import resolve_backbone
+
+    return AutoModelForSeq2SeqLM.from_pretrained(resolve_backbone(name))
+
+
+def seq2seq_group(spec: PresetGroup, cfg: BenchConfig) -> Group:
+    """Seq2seq LM training steps: PEFT's prefix (it reaches decoder self-attention only, moe_prefix/peft_interop.py),
+    moe1 on that site alone (like for like), and moe1 / moe4 top-2 blend on all three sites (Li & Liang's layout).
+
+    Encoder inputs (b t) are right-padded (rows t/2..t long); targets are seq_len // 2 unpadded tokens.
+    """
+    dev = cfg.device
+    backbone = _to(load_seq2seq(spec.model), cfg)
+    peft_copy = copy.deepcopy(backbone)
+    vocab = backbone.config.vocab_size
+    ids, mask = (x.to(dev) for x in make_batch(vocab, spec.batch, spec.seq_len, pad=True, seed=cfg.seed))
+    labels = make_batch(vocab, spec.batch, spec.seq_len // 2, pad=False, seed=cfg.seed + 1)[0].to(dev)
+    tokens = ids.numel() + labels.numel()
+    arms: list[Arm] = []
+    notes: dict = {"batch": list(ids.shape), "targets": list(labels.shape), "model": spec.model}
+
+    def frozen_forward():
+        backbone.eval()
+        with torch.no_grad():
+            backbone(input_ids=ids, attention_mask=mask, labels=labels)
+
+    arms.append(Arm("frozen_forward", frozen_forward, tokens))
+    for p in peft_copy.parameters():
+        p.requires_grad_(False)
+    probe = lambda m: m(input_ids=ids[:2], attention_mask=mask[:2], labels=labels[:2])  # noqa: E731
+    pm, err = _try_peft(peft_copy, "SEQ_2_SEQ_LM", cfg.prefix_len, probe)
+    if pm is not None:
+        params = _trainable(pm)
+
+        def peft_loss():
+            pm.train()
+            return pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+        arms.append(Arm("peft_prefix", train_step(params, peft_loss), tokens, _count(params)))
+    else:
+        notes["peft_error"] = err
+    configs = prefix_configs(cfg)
+    configs = {
+        "moe1_decoder": replace(configs["moe1"], sites=("decoder",)),
+        "moe1": configs["moe1"],
+        "moe4_top2_blend": configs["moe4_top2_blend"],
+    }
+    for name, pcfg in configs.items():
+        mixture = _to(attach(backbone, pcfg), cfg)
+        params = _trainable(mixture)
+
+        def loss(mixture=mixture):
+            mixture.train()
+            out = mixture(input_ids=ids, attention_mask=mask, labels=labels)
+            return out.loss + out.routing.aux_loss
+
+        arms.append(Arm(name, train_step(params, loss), tokens, _count(params), info={"sites": list(pcfg.sites)}))
+    return Group(spec.name, arms, notes)
+
+
 def preset_ratios(times: dict) -> dict:
     """The ratios of one preset group, from one clock's per-repetition times."""
     pairs = {
@@ -809,6 +894,8 @@ def preset_ratios(times: dict) -> dict:
         "moe4_top2_joint_vs_peft": ("moe4_top2_blend_joint", "peft_prefix"),
         "moe4_top2_nodrop_vs_floor_nodrop": ("moe4_top2_blend_nodrop", "backward_floor_nodrop"),
         "moe4_top2_nodrop_vs_joint": ("moe4_top2_blend_nodrop", "moe4_top2_blend_nodrop_joint"),
+        "moe1_decoder_vs_peft": ("moe1_decoder", "peft_prefix"),  # seq2seq: PEFT's one site, like for like
+        "moe4_top2_vs_forward": ("moe4_top2_blend", "frozen_forward"),
     }
     return {key: paired_ratio(times, a, b) for key, (a, b) in pairs.items() if a in times and b in times}
 

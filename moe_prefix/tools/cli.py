@@ -290,8 +290,9 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="two repetitions: a smoke test, not a measurement")
     p.add_argument(
         "--preset",
-        choices=["gpu"],
-        help="gpu: a 1.1B Llama and MiniLM from configs, bf16 on CUDA (floor, PEFT, moe1, moe4, both attention paths)",
+        choices=["gpu", "seq2seq"],
+        help="gpu: a 1.1B Llama and MiniLM from configs, bf16 on CUDA (floor, PEFT, moe1, moe4, both attention paths); "
+        "seq2seq: BART-base from its config beside PEFT (PEFT's site and all three sites)",
     )
     p.add_argument("--smollm", action="store_true", help="decoder: smollm2-135m instead of the wide tiny Llama")
     p.add_argument("--encoder", help="asset alias or local folder (default: minilm)")

@@ -1,4 +1,4 @@
-"""Generation: a frozen causal LM learns to write a text for an input through the routed prefix.
+"""Generation: a frozen causal or encoder-decoder LM learns to write a text for an input through the routed prefix.
 
 The task is E2E NLG style data-to-text (Li & Liang 2021 evaluate prefix tuning on it): a meaning
 representation goes in, a restaurant description comes out, and every input has several references.
@@ -7,6 +7,9 @@ representation goes in, a restaurant description comes out, and every input has 
   on both sides. A pair's tokens are prompt + target + eos; the loss covers target and eos only
   (labels -100 on the prompt and on padding). The router sees the prompt alone, so what it picks
   at training time is what it can pick at generation time, when no target exists yet.
+- Encoder-decoder backbones (BART, T5; `config.is_encoder_decoder`): the prompt is the encoder's input and the
+  target + eos the decoder's labels (the model shifts them into decoder inputs itself); the loss covers the
+  same tokens, and the prefix sits on the sites `prefix.sites` names, routed from the prompt.
 - Validation: the loss on every reference, then each input is decoded once with `generate()` (greedy
   or beam search, per `cfg.generation`) through the prefix routed from its prompt, and scored against
   all its references: corpus BLEU (SacreBLEU, 13a tokenisation) and ROUGE-L F-measure (best reference
@@ -138,7 +141,12 @@ class GenerationData(TrainData):
     Training batches are right-padded and carry `labels` (-100 on prompt and padding) and
     `router_input_ids` / `router_attention_mask` (the prompt alone). Generation batches are
     left-padded prompts, so every row's new tokens start in the same column.
+    seq2seq: pairs are split into the prompt (input_ids, the encoder's) and target + eos (labels, the decoder's).
     """
+
+    def __init__(self, cfg: RunConfig, tokenizer, seq2seq: bool = False):
+        super().__init__(cfg, tokenizer)
+        self.seq2seq = seq2seq
 
     def load(self) -> None:
         """Read, split by input and tokenise once; safe to call again."""
@@ -222,6 +230,8 @@ class GenerationData(TrainData):
 
     def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         """Right-padded pairs: (b t) input_ids, attention_mask, labels; (b t') router_*."""
+        if self.seq2seq:
+            return self._collate_seq2seq(items)
         batch = pad_batch(items, self.pad_id)
         # From the mask, not the ids: the pad token may be the eos token, whose label must stay.
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -239,9 +249,26 @@ class GenerationData(TrainData):
             "index": batch["index"],
         }
 
+    def _collate_seq2seq(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-padded prompts (b t) for the encoder, the router reading the same; labels (b t') target + eos."""
+        prompts = pad_batch([dataclasses.replace(x, input_ids=x.input_ids[: x.router_len]) for x in items], self.pad_id)
+        targets = pad_batch([Encoded(x.index, x.input_ids[x.router_len :]) for x in items], self.pad_id)
+        labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
+        return {
+            "input_ids": prompts["input_ids"],
+            "attention_mask": prompts["attention_mask"],
+            "labels": labels,
+            "router_input_ids": prompts["input_ids"],
+            "router_attention_mask": prompts["attention_mask"],
+            "group_ids": prompts["group_ids"],
+            "has_group": prompts["has_group"],
+            "index": prompts["index"],
+        }
+
     def collate_prompts(self, items: list[Encoded], records) -> dict:
-        """Left-padded prompts (b t), with their ids and references (lists of strings)."""
-        batch = pad_batch(items, self.pad_id, left=True)
+        """Left-padded prompts (b t), with their ids and references (lists of strings); right-padded for an
+        encoder-decoder model, as in training (its decoder starts every row in the same column anyway)."""
+        batch = pad_batch(items, self.pad_id, left=not self.seq2seq)
         return {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
@@ -268,9 +295,14 @@ class GenerationData(TrainData):
 # -- the Lightning module ---------------------------------------------------------------------------
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy: logits (b t v), labels (b t) -> losses (b t-1), mask of scored tokens."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: logits (b t v), labels (b t) -> losses (b t-1), mask of scored tokens.
+
+    shift=False (encoder-decoder): the decoder's logits at t already predict labels at t -> losses (b t).
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits = logits.float()
     losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return losses, labels != -100
 
@@ -290,14 +322,17 @@ class GenerationModule(PrefixTrainingModule):
 
     def forward_pairs(self, batch):
         """Losses (b t-1) and scored-token mask of a pair batch, and the network output."""
+        # an encoder-decoder backbone makes its decoder inputs from the labels (shifted right after a start token)
+        labels = {"labels": batch["labels"]} if self.network.seq2seq else {}
         out = self.network(
             batch["input_ids"],
             batch["attention_mask"],
             router_input_ids=batch["router_input_ids"],
             router_attention_mask=batch["router_attention_mask"],
             group_ids=batch["group_ids"] if self.oracle else None,
+            **labels,
         )
-        losses, scored = token_losses(out.logits, batch["labels"])
+        losses, scored = token_losses(out.logits, batch["labels"], shift=not self.network.seq2seq)
         return losses, scored, out
 
     def model_step(self, batch):
@@ -356,7 +391,8 @@ class GenerationModule(PrefixTrainingModule):
             eos_token_id=eos,
             pad_token_id=pad,
         )
-        new = out[:, input_ids.shape[1] :].tolist()
+        # a decoder-only model returns prompt + new tokens; an encoder-decoder one, the decoder start + new tokens
+        new = out[:, 1 if self.network.seq2seq else input_ids.shape[1] :].tolist()
         return [row[: row.index(eos)] if eos in row else row for row in new]
 
     def decode(self, tokens: list[int]) -> str:
@@ -415,13 +451,16 @@ class GenerationModule(PrefixTrainingModule):
 
 def build(cfg: RunConfig, prefix: bool = True) -> Built:
     """Tokenizer, data and network of a generation config; prefix=False: the bare frozen backbone."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if cfg.prefix.router_input == "group" and cfg.optim.objective != "sft":
         raise ConfigError("prefix.router_input=group (oracle routing) is supported for optim.objective=sft only")
     path = assets.resolve_backbone(cfg.model.backbone)
+    seq2seq = bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+    if seq2seq and cfg.optim.objective != "sft":
+        raise ConfigError(f"optim.objective={cfg.optim.objective} needs a decoder-only backbone; use sft")
     tokenizer = load_tokenizer(path)
-    data = GenerationData(cfg, tokenizer)
+    data = GenerationData(cfg, tokenizer, seq2seq)
     data.load()
     prefix_cfg = cfg.prefix
     if prefix_cfg.router_input == "group":
@@ -438,7 +477,7 @@ def build(cfg: RunConfig, prefix: bool = True) -> Built:
             f"optim.objective={objective} rewards -SER, which needs E2E meaning representations as inputs "
             "(name: X, eatType: Y, ...); for other data set rl.bleu_weight > 0"
         )
-    backbone = AutoModelForCausalLM.from_pretrained(path)
+    backbone = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
     # linear_probe leaves the backbone frozen and adds nothing: for a causal LM, the model as shipped.

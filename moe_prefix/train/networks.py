@@ -105,11 +105,16 @@ class SequenceClassifier(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A causal LM adapted by one method; the loss covers target tokens only (labels -100 elsewhere)."""
+    """A causal LM adapted by one method; the loss covers target tokens only (labels -100 elsewhere).
+
+    An encoder-decoder LM (BART, T5) works the same way: input_ids are then the encoder's and labels the
+    decoder's, which the backbone shifts into decoder inputs itself.
+    """
 
     def __init__(self, backbone: nn.Module, model_cfg: ModelConfig, prefix_cfg: PrefixConfig):
         super().__init__()
         self.method = model_cfg.method
+        self.seq2seq = bool(getattr(backbone.config, "is_encoder_decoder", False))
         if self.method == "prompt":
             raise ValueError("model.method=prompt is not supported for generation; use prefix, lora or full")
         self.body = _adapt(backbone, model_cfg, prefix_cfg)
@@ -126,8 +131,9 @@ class CausalLM(nn.Module):
             routing, state = self.body.prepare(router_input_ids, router_attention_mask, group_ids)
             out = self.body.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return TaskOutput(out.logits, routing, out.loss)
-        positions = positions_from_mask(attention_mask)
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=positions)
+        # encoder-decoder models place their tokens themselves (BART, T5 take no position_ids)
+        positions = {} if self.seq2seq else {"position_ids": positions_from_mask(attention_mask)}
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **positions)
         return TaskOutput(out.logits, None, out.loss)
 
     @torch.no_grad()
