@@ -52,7 +52,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
+import transformers
 from einops import rearrange
+from packaging.version import Version
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -519,6 +521,17 @@ def _attention_modules(stack) -> list:
     return [m for m in stack.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal") and hasattr(m, "config")]
 
 
+# Encoder-decoder prefixes are tested from this transformers release on. At 5.6, the package's lowest supported
+# release, T5's attention modules carry no layer index and the seq2seq tests fail; releases in between are
+# untested, so they are refused rather than trusted.
+SEQ2SEQ_MIN_TRANSFORMERS = "5.24"
+
+
+def seq2seq_supported(version: str | None = None) -> bool:
+    """Whether this transformers release (or `version`) is one encoder-decoder prefixes are tested on."""
+    return Version(version or transformers.__version__) >= Version(SEQ2SEQ_MIN_TRANSFORMERS)
+
+
 def tag_sites(model, sites: tuple[str, ...]) -> list[tuple[str, int]]:
     """Mark each attention module of an encoder-decoder model with its (site, layer).
 
@@ -530,6 +543,12 @@ def tag_sites(model, sites: tuple[str, ...]) -> list[tuple[str, int]]:
     """
     if not getattr(model.config, "is_encoder_decoder", False):
         return []
+    if not seq2seq_supported():
+        raise ValueError(
+            f"encoder-decoder backbones need transformers >= {SEQ2SEQ_MIN_TRANSFORMERS} (the releases their prefixes "
+            f"are tested on); this is {transformers.__version__}: "
+            f"pip install -U 'transformers>={SEQ2SEQ_MIN_TRANSFORMERS}'"
+        )
     found: dict[str, list] = {site: [] for site in SITES}
     found["encoder"] = _attention_modules(model.get_encoder())
     for module in _attention_modules(model.get_decoder()):

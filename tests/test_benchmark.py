@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_prefix.injection import SEQ2SEQ_MIN_TRANSFORMERS, seq2seq_supported
 from moe_prefix.tools.benchmark import (
     PRESETS,
     TARGETS,
@@ -161,6 +162,9 @@ def test_script_writes_json(tmp_path, monkeypatch, capsys):
     assert "| moe1_vs_peft |" in md.read_text()
 
 
+@pytest.mark.skipif(
+    not seq2seq_supported(), reason=f"encoder-decoder prefixes need transformers >= {SEQ2SEQ_MIN_TRANSFORMERS}"
+)
 def test_seq2seq_preset_runs_peft_and_every_site_arm_on_a_tiny_bart():
     """The seq2seq preset's arms and ratios on a tiny BART (BART-base's geometry is the only difference)."""
     assert [(g.model, g.seq2seq) for g in PRESETS["seq2seq"]] == [("bart-base-config", True)]

@@ -305,3 +305,29 @@ def test_gemma3_prefix_is_visible_to_every_query_on_sliding_and_global_layers(pa
     with torch.no_grad():
         bare = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
     assert max_diff(bare, expected, mask) > 1e-3
+
+
+def test_encoder_decoder_prefixes_are_refused_below_the_tested_transformers(monkeypatch):
+    """The one version branch for encoder-decoder backbones: the releases their tests pass on, and a clear
+    error below them (the lowest-versions CI stage runs the other side)."""
+    import transformers
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from moe_prefix import PrefixConfig, attach
+    from moe_prefix import injection as inj
+
+    assert not inj.seq2seq_supported("5.6.0") and inj.seq2seq_supported("5.24.0") and inj.seq2seq_supported("6.0")
+    config = BartConfig(
+        vocab_size=50,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+    )
+    monkeypatch.setattr(transformers, "__version__", "5.6.0")
+    with pytest.raises(ValueError, match=r"encoder-decoder backbones need transformers >= 5\.24"):
+        attach(BartForConditionalGeneration(config), PrefixConfig(num_experts=2, prefix_len=2, top_k=1))

@@ -15,7 +15,12 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from moe_prefix import PrefixConfig, attach
-from moe_prefix.injection import STATE_KWARG
+from moe_prefix.injection import SEQ2SEQ_MIN_TRANSFORMERS, STATE_KWARG, seq2seq_supported
+
+pytestmark = pytest.mark.skipif(
+    not seq2seq_supported(), reason=f"encoder-decoder prefixes need transformers >= {SEQ2SEQ_MIN_TRANSFORMERS}"
+)
+
 
 VOCAB = 64
 SITES = ("encoder", "decoder", "cross")

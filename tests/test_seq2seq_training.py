@@ -9,10 +9,15 @@ from conftest import AREAS, EOS, FOODS, LM_SPECIALS, LM_WORDS, NAMES
 from test_generation import overrides, write_descriptions_jsonl
 from transformers import BartConfig, BartForConditionalGeneration
 
-from moe_prefix.injection import STATE_KWARG
+from moe_prefix.injection import SEQ2SEQ_MIN_TRANSFORMERS, STATE_KWARG, seq2seq_supported
 from moe_prefix.train.engine import evaluate_run, fit
 from moe_prefix.train.generation import GenerationModule, build
 from moe_prefix.train.run_config import load_config
+
+pytestmark = pytest.mark.skipif(
+    not seq2seq_supported(), reason=f"encoder-decoder prefixes need transformers >= {SEQ2SEQ_MIN_TRANSFORMERS}"
+)
+
 
 torch.set_num_threads(1)
 START = 2  # <s>: the decoder's first input
