@@ -64,8 +64,9 @@ def test_bad_tracker_settings_fail_before_any_model_loads(override, message):
 
 
 def test_a_resumed_config_naming_a_missing_tracker_fails_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_config, "_installed", lambda name: True)  # written where wandb is installed ...
     cfg = load_config(None, ["trainer.loggers=[wandb]", f"run_dir={tmp_path / 'run'}"])
-    monkeypatch.setattr(run_config, "_installed", lambda name: False)  # the config came from another machine
+    monkeypatch.setattr(run_config, "_installed", lambda name: False)  # ... and resumed on a machine without it
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[wandb\]"'):
         fit(cfg)
     assert not (tmp_path / "run").exists()
