@@ -143,11 +143,17 @@ def read_metrics(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
-    """Load a finished run's trained tensors into a network built from its config (checked to fit)."""
+def _weights_path(run_dir: str | Path) -> Path:
+    """RUN_DIR/adapter.safetensors, or the error that the run did not finish."""
     path = Path(run_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {WEIGHTS_FILE}: the run did not finish")
+    return path
+
+
+def load_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
+    """Load a finished run's trained tensors into a network built from its config (checked to fit)."""
+    path = _weights_path(run_dir)
     with safe_open(str(path), framework="pt") as f:
         saved_backbone = (f.metadata() or {}).get("backbone", "unknown")
     weights = load_file(str(path))
@@ -174,9 +180,7 @@ def upcycle_weights(run_dir: str | Path, network, cfg: RunConfig) -> None:
                 f"prefix.{key}={getattr(cfg.prefix, key)} but the upcycled run {run_dir} has "
                 f"{getattr(source_cfg.prefix, key)}: each expert copies its prefix, so they must match"
             )
-    path = Path(run_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no {WEIGHTS_FILE}: the run did not finish")
+    path = _weights_path(run_dir)
     weights = load_file(str(path))
     mixture = network.mixture
     name = next(n for n, m in network.named_modules() if m is mixture)
