@@ -10,6 +10,12 @@ they share their own keys.
 Reparameterisation (Li & Liang 2021; Le et al. 2025): in training, the bank is the output of an MLP
 over small per-position embeddings, which shares structure between keys, values and layers and makes
 optimisation more stable. `fold()` replaces the MLP by the tensor it produces, for inference/export.
+
+Factorised experts (prefix.expert_rank = r > 0; MPT, Wang et al. ICLR 2023): expert e is one base prefix
+times a per-expert factor, base ⊙ (1 + U_e V_e), U_e (p r) and V_e (r l c h d). The base trains on every
+input, so splitting the data between experts no longer starves what they share; each expert's own part is
+r · (p + l·c·h·d) numbers, few enough to learn from its share of the data. U starts at zero: every expert
+begins as the base, a single prefix. `fold()` replaces the factors by the tensor they produce.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ class PrefixBank(nn.Module):
         self.cfg, self.dims = cfg, dims
         self.num_experts, self.prefix_len = (1, cfg.shared_len) if shared else (cfg.num_experts, cfg.prefix_len)
         shape = (self.num_experts, dims.num_layers, 2, dims.num_kv_heads, self.prefix_len, dims.head_dim)
-        if cfg.reparam:
+        if cfg.expert_rank and not shared:
+            E, L, _, H, P, D = shape
+            self.base = nn.Parameter(torch.randn(shape[1:]) * cfg.init_std)  # (l c h p d)
+            self.factor_rows = nn.Parameter(torch.zeros(E, P, cfg.expert_rank))  # U (e p r)
+            self.factor_cols = nn.Parameter(torch.randn(E, cfg.expert_rank, L, 2, H, D))  # V (e r l c h d)
+            self.kv = None
+        elif cfg.reparam:
             self.embedding = nn.Parameter(torch.randn(self.num_experts, self.prefix_len, cfg.reparam_dim))
             out = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim
             self.mlp = nn.Sequential(
@@ -48,16 +60,22 @@ class PrefixBank(nn.Module):
         """The whole bank, (e l c h p d)."""
         if self.kv is not None:
             return self.kv
+        if hasattr(self, "base"):
+            factor = torch.einsum("epr,erlchd->elchpd", self.factor_rows, self.factor_cols)
+            return self.base * (1 + factor)
         flat = self.mlp(self.embedding)  # (e p (l c h d))
         d = self.dims
         return rearrange(flat, "e p (l c h d) -> e l c h p d", l=d.num_layers, c=2, h=d.num_kv_heads)
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Replace the reparameterisation MLP by the plain tensor it produces (outputs unchanged)."""
+        """Replace the reparameterisation MLP, or the expert factors, by the plain tensor they produce (outputs
+        unchanged)."""
         if self.kv is None:
             self.kv = nn.Parameter(self.tensor().detach().clone())
-            del self.mlp, self.embedding
+            for name in ("mlp", "embedding", "base", "factor_rows", "factor_cols"):
+                if hasattr(self, name):
+                    delattr(self, name)
 
     @torch.no_grad()
     def upcycle(self, source: Tensor, noise: float, seed: int) -> None:

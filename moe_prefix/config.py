@@ -69,6 +69,8 @@ class PrefixConfig:
     # one-expert prefix of a finished run (model.init_from) plus seeded noise (sparse upcycling, Komatsuzaki et
     # al. 2023); its shared part, if any, is copied as it is
     upcycle_noise: float = 0.01  # std of that noise, relative to the std of the source prefix
+    expert_rank: int = 0  # r > 0: factorised experts, expert e = base ⊙ (1 + U_e V_e): one base prefix that every
+    # input trains, times a rank-r per-expert factor that starts at zero (MPT, Wang et al. 2023); 0: independent banks
     prefix_mode: str = "softmax"  # softmax: prefix positions join the attention softmax (Li & Liang);
     # decoupled: each expert adds a separate term to the attention output (Prefix-Tuning+ style)
     attention_path: str = "auto"  # split: tokens on the fused kernel, prefix beside, merged by log-sum-exp (an
@@ -98,6 +100,19 @@ class PrefixConfig:
             raise ValueError(f"prefix.shared_len must be >= 0, got {self.shared_len}")
         if self.shared_len and self.prefix_mode == "decoupled":
             raise ValueError("prefix.shared_len applies to prefix_mode=softmax: decoupled experts have no shared part")
+        if self.expert_rank < 0:
+            raise ValueError(f"prefix.expert_rank must be >= 0, got {self.expert_rank}")
+        if self.expert_rank:
+            for clash, present in (
+                ("reparam=true", self.reparam),
+                ("init=tokens", self.init == "tokens"),
+                ("expert_init=upcycle", self.expert_init == "upcycle"),
+            ):
+                if present:
+                    raise ValueError(
+                        f"prefix.expert_rank={self.expert_rank} (factorised experts) cannot be combined with prefix."
+                        f"{clash}: the factors are their own parameterisation; set expert_rank=0 or drop {clash}"
+                    )
         if self.upcycle_noise < 0:
             raise ValueError(f"prefix.upcycle_noise must be >= 0, got {self.upcycle_noise}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:

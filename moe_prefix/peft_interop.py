@@ -205,8 +205,8 @@ def attach_peft_adapters(
             f"PrefixConfig(num_experts={cfg.num_experts}, prefix_len={cfg.prefix_len}) does not match "
             f"{len(folders)} adapter(s) of {P} virtual tokens"
         )
-    if cfg.reparam:
-        raise ValueError("imported prefixes are plain tensors: use reparam=False")
+    if cfg.reparam or cfg.expert_rank:
+        raise ValueError("imported prefixes are plain tensors: use reparam=False and expert_rank=0")
     if seq2seq and "encoder" in cfg.sites:
         raise ValueError("a PEFT seq2seq prefix has no encoder part: use prefix.sites among decoder, cross")
     mixture = attach(model, cfg)
