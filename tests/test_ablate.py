@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import tiny_run_overrides
 from omegaconf import OmegaConf
-from scipy.stats import binomtest, permutation_test
+from scipy.stats import binomtest, bootstrap, permutation_test
 
 from moe_prefix.analysis.stats import holm
 from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
@@ -353,6 +353,10 @@ def test_curve_contrasts_test_each_series_against_the_first_at_every_x(tmp_path)
     for n, g in gain.items():
         assert float(rows[n]["diff"]) == pytest.approx(np.mean(g))
         assert float(rows[n]["p"]) == pytest.approx(reference[n])
+        # Δ's interval: the percentile bootstrap of the per-seed differences (scipy's, another resampling stream)
+        expected = bootstrap((np.array(g),), np.mean, method="percentile", n_resamples=10_000, random_state=1)
+        got = (float(rows[n]["diff_ci_low"]), float(rows[n]["diff_ci_high"]))
+        assert got == pytest.approx(tuple(expected.confidence_interval), abs=3e-3)
     assert [float(rows[n]["p_holm"]) for n in (100, 400)] == pytest.approx(holm([reference[100], reference[400]]))
     assert float(rows[100]["p"]) == pytest.approx(2 / 32)  # every seed gains: the smallest p 5 seeds allow
     assert "| 100 | True vs False | 5 |" in (tmp_path / "curve_contrasts.md").read_text()

@@ -437,6 +437,8 @@ def _compare_arms(
             "trainable_params": int(np.median([s["trainable_params"] or 0 for s in seeds.values()])),
             "train_time_s": float(np.median([s["train_time_s"] or np.nan for s in seeds.values()])),
             "diff": np.nan,
+            "diff_ci_low": np.nan,
+            "diff_ci_high": np.nan,
             "p": np.nan,
             "p_holm": np.nan,
             "d": np.nan,
@@ -456,6 +458,7 @@ def _compare_arms(
             a = np.array([seeds[s]["metric"] for s in matched])
             b = np.array([ref[s]["metric"] for s in matched])
             entry["diff"] = float((a - b).mean())
+            _, entry["diff_ci_low"], entry["diff_ci_high"] = bootstrap_ci(a - b, seed=0)
             entry["p"] = paired_permutation_test(a, b, seed=0)
             entry["d"] = cohens_d_paired(a, b) if np.std(a - b) > 0 else np.nan
         summary.append(entry)
@@ -477,7 +480,8 @@ def _test_cells(e: dict) -> str:
     """The table cells of one entry's paired tests against its reference, from Δ to p (McNemar, Holm)."""
     discordant = f"{e['only_arm']} / {e['only_ref']}" if e["pairs"] else "–"
     return (
-        f"{_fmt(e['diff'], '+.4f')} | {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} | {_fmt(e['d'], '.2f')} "
+        f"{_fmt(e['diff'], '+.4f')} | [{_fmt(e['diff_ci_low'], '+.4f')}, {_fmt(e['diff_ci_high'], '+.4f')}] "
+        f"| {_fmt(e['p'], '.3f')} | {_fmt(e['p_holm'], '.3f')} | {_fmt(e['d'], '.2f')} "
         f"| {e['pairs'] or '–'} | {discordant} | {_fmt(e['p_example'], '.2g')} | {_fmt(e['p_example_holm'], '.2g')}"
     )
 
@@ -491,6 +495,7 @@ def _write_summary(
 ) -> None:
     keys = ["arm", "n", "mean", "ci_low", "ci_high", "diff", "p", "p_holm", "d", "trainable_params", "train_time_s"]
     keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm", "metric"]  # appended: old columns stay
+    keys += ["diff_ci_low", "diff_ci_high"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -501,10 +506,10 @@ def _write_summary(
         if len(tables) > 1:
             lines += [f"### {name}", ""]
         lines += [
-            f"| arm | seeds | {name} mean | 95 % bootstrap CI | Δ vs {ref} | p (paired perm.) | p (Holm) "
+            f"| arm | seeds | {name} mean | 95 % bootstrap CI | Δ vs {ref} | Δ 95 % CI | p (paired perm.) | p (Holm) "
             "| Cohen's d (paired) | example pairs | only arm / only ref right | p (McNemar) | p (McNemar, Holm) "
             "| trainable params | train time (s, median) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in summary:
             lines.append(
@@ -515,7 +520,8 @@ def _write_summary(
     lines += [
         f"Reference arm: {ref}. p: two-sided paired sign-flip permutation test on matched seeds (exact "
         "enumeration for few seeds; with 3 seeds the smallest attainable p is 0.25), Holm-corrected across arms. "
-        "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best). "
+        "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best); Δ CI: the same "
+        "over the matched seeds' differences. "
         "p (McNemar): exact two-sided McNemar test (binomial test on the discordant pairs) over the (seed, "
         "validation example) pairs of all matched seeds, Holm-corrected across arms; only arm / only ref: pairs "
         "that one of the two gets right and the other wrong. It treats examples as independent given the "
@@ -637,17 +643,17 @@ def _curve_contrasts(
         return
     _holm_columns(contrasts)  # across the x values: the curve asks its question at every one
     keys = ["x", "series", "versus", "n", "base_mean", "mean", "diff", "p", "p_holm", "d", "pairs"]
-    keys += ["only_arm", "only_ref", "p_example", "p_example_holm"]
+    keys += ["only_arm", "only_ref", "p_example", "p_example_holm", "diff_ci_low", "diff_ci_high"]
     with open(out_dir / "curve_contrasts.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(contrasts)
     x_key, series_key = sweep.curve["x"], sweep.curve.get("series")
     lines = [
-        f"| {x_key} | {series_key} | seeds | {sweep.metric} (versus) | {sweep.metric} | Δ | p (paired perm.) "
-        "| p (Holm) | Cohen's d (paired) | example pairs | only it / only versus right | p (McNemar) "
-        "| p (McNemar, Holm) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {x_key} | {series_key} | seeds | {sweep.metric} (versus) | {sweep.metric} | Δ | Δ 95 % CI "
+        "| p (paired perm.) | p (Holm) | Cohen's d (paired) | example pairs | only it / only versus right "
+        "| p (McNemar) | p (McNemar, Holm) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in contrasts:
         lines.append(
