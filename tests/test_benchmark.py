@@ -11,19 +11,9 @@ import pytest
 import torch
 
 from moe_prefix.injection import SEQ2SEQ_MIN_TRANSFORMERS, seq2seq_supported
-from moe_prefix.tools.benchmark import (
-    PRESETS,
-    TARGETS,
-    Arm,
-    BenchConfig,
-    PresetGroup,
-    format_report,
-    paired_ratio,
-    peak_memory_mb,
-    run,
-    run_preset,
-    time_interleaved,
-)
+from moe_prefix.tools.bench_presets import PRESETS, PresetGroup, run_preset
+from moe_prefix.tools.bench_timing import Arm, paired_ratio, peak_memory_mb, time_interleaved
+from moe_prefix.tools.benchmark import TARGETS, BenchConfig, format_report, run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 RATIOS = ("moe1_vs_peft", "moe4_top2_vs_peft", "e64_vs_e4", "step_vs_forward", "checkpoint_fraction")

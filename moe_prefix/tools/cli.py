@@ -165,7 +165,8 @@ def _offline_unless_asked() -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     _offline_unless_asked()
-    from moe_prefix.tools.benchmark import PRESET_SETTINGS, BenchConfig, format_markdown, format_report, run, run_preset
+    from moe_prefix.tools.bench_presets import PRESET_SETTINGS, run_preset
+    from moe_prefix.tools.benchmark import BenchConfig, format_markdown, format_report, run
 
     if args.threads:
         import torch
