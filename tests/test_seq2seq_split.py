@@ -26,7 +26,7 @@ def _mixture(path: str, ids=None, mask=None, **overrides):
 def _step(mixture, ids, mask, decoder_ids):
     """Forward and backward of a weighted sum of the logits: the logits and every trainable tensor's gradient."""
     logits = mixture(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
-    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(11))
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(11)).to(logits)
     ((logits * w).sum() + mixture.last_routing.aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in mixture.named_parameters() if p.grad is not None}
     return logits.detach(), grads
@@ -74,6 +74,21 @@ def test_t5_split_path_matches_the_joint_path_and_hand_written_attention(
                 input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids
             ).logits
         assert (split - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_t5_split_path_on_cuda_matches_the_joint_path(pad_side):
+    """On CUDA a position bias sends the token part to the memory-efficient kernel (flash takes no mask)."""
+    ids, mask, decoder_ids = (x.cuda() for x in batch(pad_side))
+    results = {}
+    for path in ("split", "joint"):
+        mixture = _mixture(path, ids.cpu(), mask.cpu(), combine="concat", length="learned", length_tau=2.0)
+        results[path] = _step(mixture.cuda().train(), ids, mask, decoder_ids)
+    (split, split_grads), (joint, joint_grads) = results["split"], results["joint"]
+    assert (split - joint).abs().max().item() <= 1e-4
+    for name, grad in joint_grads.items():
+        assert (split_grads[name] - grad).abs().max().item() <= 1e-4 * max(1.0, grad.abs().max().item()), name
 
 
 def test_t5_split_generate_matches_the_joint_path(monkeypatch):
