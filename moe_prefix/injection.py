@@ -10,19 +10,18 @@ same prefix on recomputation.
 
 Two ways to compute softmax attention over [prefix, tokens], equal up to rounding:
 
-- split (`attention_path="auto"` picks it on CUDA where it applies): softmax over [prefix, tokens] is the two
-  partial attentions, over the real keys and over the P prefix keys, merged by their log-sum-exp
-  (L = logaddexp(L_t, L_p), out = e^(L_t - L) out_t + e^(L_p - L) out_p, the identity ring and cascade
-  attention use). The token part runs on torch's fused kernel exactly as the frozen model would (flash with
-  `is_causal` and no mask where the padding allows it), so a prefix no longer moves attention to a slower
-  masked kernel; the prefix part (biases, length masks, concat gates) is a small attention of its own. The
-  backward is exact too: the fused kernel's backward, fed the merged output and log-sum-exp, returns the
-  joint softmax's gradients for the token part, and the prefix part's follow from exp(s - L).
+- split (`attention_path="auto"` picks it on CUDA where it applies): the two partial attentions, over the real
+  keys on torch's fused kernel exactly as the frozen model would run them (flash with `is_causal` and no mask
+  where the padding allows it) and over the P prefix keys beside it, merged by their log-sum-exp, forward and
+  backward exact (`split_attention.py`). A prefix thus no longer moves attention to a slower masked kernel.
+  T5's relative position bias joins the token part's mask (the memory-efficient kernel on CUDA, since flash
+  takes none); the prefix part gets no position bias, as on the joint path.
 - joint (the fallback): the prefix is prepended to the keys/values, the mask extended, and the model's own
   sdpa or eager function called. It runs when the model asked for eager attention, with attention
   dropout in training (the fused CPU kernel has none, and the split would not reproduce the joint
-  path's dropout draws), when probes need the joint attention weights, for position biases, softcapping
-  or attention sinks, on devices without a log-sum-exp kernel, or when `attention_path="joint"`; and
+  path's dropout draws), when probes need the joint attention weights, for softcapping or attention sinks,
+  for a position bias that needs a gradient (a relative-attention table in training; the fused kernels
+  return none for their mask), on devices without a log-sum-exp kernel, or when `attention_path="joint"`; and
   under "auto" on the CPU, where sdpa's fused kernel takes the joint mask itself and the split only adds
   its prefix part (`attention_path="split"` forces it there, as the tests do).
   The decoupled prefix mode never prepends anything and calls the model's own function for the tokens.
@@ -53,7 +52,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import transformers
-from einops import rearrange
 from packaging.version import Version
 from torch import Tensor
 from transformers import AttentionInterface
@@ -61,6 +59,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import SITES  # encoder self-, decoder self-, cross-attention
+from .split_attention import fused_kernel, split_attention
 
 SDPA_NAME = "moe_prefix_sdpa"
 EAGER_NAME = "moe_prefix_eager"
@@ -215,152 +214,6 @@ def _decoupled_term(state: PrefixState, layer: int, query: Tensor, scaling) -> T
     return mixed.transpose(1, 2)
 
 
-# -- split attention: the token part on the fused kernel, the prefix part beside it --------------------------
-
-_aten = torch.ops.aten
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics in fp32 (fp64 for fp64 models), as the fused kernels keep them."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fused_kernel(query: Tensor, masked: bool) -> str | None:
-    """The log-sum-exp-returning kernel the token part runs on, or None where there is none.
-
-    cpu: `_scaled_dot_product_flash_attention_for_cpu` (takes a mask, grouped-query heads natively).
-    CUDA: flash (no mask, half precision, grouped-query heads natively), else memory-efficient (takes a mask).
-    """
-    d = query.shape[-1]
-    if query.device.type == "cpu":
-        return "cpu"
-    if query.device.type != "cuda" or d % 8 or d > 256:
-        return None
-    if not masked and query.dtype in (torch.float16, torch.bfloat16):
-        return "flash"
-    return "efficient"
-
-
-def _token_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float):
-    """Attention over the real keys: out (b h q d), its log-sum-exp (b h q), what the backward needs."""
-    if kernel == "cpu":
-        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-        return out, lse, ()
-    if kernel == "flash":
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = _aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale
-        )
-        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
-    # memory-efficient: no grouped-query heads on every torch version, so repeat them (as sdpa does with a mask);
-    # the bias must be (b h q t), which the cached mask (rows padded to 16 for alignment) expands to as a view.
-    groups = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    efficient = _aten._scaled_dot_product_efficient_attention
-    out, lse, seed, offset = efficient(q, k, v, bias, True, 0.0, causal, scale=scale)
-    # its log-sum-exp has its query axis padded to a multiple of 32; the backward wants that shape back
-    return out, lse[..., : q.shape[2]], (lse, seed, offset, bias)
-
-
-def _token_backward(kernel, aux, dout, q, k, v, out, lse, mask, causal, scale):
-    """dq, dk, dv of the token part, given the merged output and log-sum-exp of the joint softmax."""
-    if kernel == "cpu":
-        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
-        )
-    if kernel == "flash":
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
-        return _aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale
-        )
-    padded, seed, offset, bias = aux
-    padded = padded.clone()
-    padded[..., : q.shape[2]] = lse
-    groups = q.shape[1] // k.shape[1]
-    dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, repeat_kv(k, groups), repeat_kv(v, groups), bias, out, padded, seed, offset, 0.0,
-        [True, True, True, False], causal, scale=scale,
-    )  # fmt: skip
-    # a repeated key/value head collects the gradients of every query head that read it
-    return dq, dk.unflatten(1, (k.shape[1], groups)).sum(2), dv.unflatten(1, (k.shape[1], groups)).sum(2)
-
-
-def _prefix_scores(q: Tensor, prefix_key: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """Prefix logits s = q k_p^T * scale + bias, (b h g q p), and the grouped queries (b h g q d), in fp32."""
-    acc = _acc_dtype(q.dtype)
-    grouped = q.unflatten(1, (prefix_key.shape[1], -1)).to(acc)  # query heads under their key/value head
-    scores = torch.einsum("bhgqd,bhpd->bhgqp", grouped, prefix_key.to(acc)) * scale
-    if bias is not None:
-        # a hard-masked position (-inf) becomes the dtype's min, as in the joint path: rows stay finite
-        scores = scores + bias.to(acc).clamp_min(torch.finfo(acc).min)[:, None, None, None, :]
-    return scores, grouped
-
-
-def _split_forward(kernel, q, k, v, prefix_key, prefix_value, bias, mask, causal, scale):
-    """Merged output (b q h d) in the query's dtype, the joint log-sum-exp (b h g q), the token kernel's aux."""
-    out_t, lse_t, aux = _token_forward(kernel, q, k, v, mask, causal, scale)
-    scores, _ = _prefix_scores(q, prefix_key, bias, scale)
-    lse_t = lse_t.reshape(scores.shape[:-1]).to(scores.dtype)
-    lse = torch.logaddexp(lse_t, scores.logsumexp(-1))
-    # softmax over [prefix, tokens] = e^(L_t - L) softmax_t + e^(s_p - L) on the prefix positions
-    merged = torch.exp(lse_t - lse)[..., None] * out_t.unflatten(1, lse.shape[1:3]).to(scores.dtype)
-    probs = torch.exp(scores - lse[..., None])
-    merged = merged + torch.einsum("bhgqp,bhpd->bhgqd", probs, prefix_value.to(scores.dtype))
-    out = rearrange(merged, "b h g q d -> b q (h g) d").to(q.dtype, memory_format=torch.contiguous_format)
-    return out, lse, aux
-
-
-class _SplitPrefixAttention(torch.autograd.Function):
-    """Exact forward and backward of softmax over [prefix, tokens] with the tokens on a fused kernel."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_key, prefix_value, bias, mask, causal, scale, kernel):
-        with torch.autocast(q.device.type, enabled=False):
-            out, lse, aux = _split_forward(kernel, q, k, v, prefix_key, prefix_value, bias, mask, causal, scale)
-        ctx.save_for_backward(q, k, v, prefix_key, prefix_value, bias, out, lse)
-        ctx.mask, ctx.causal, ctx.scale, ctx.kernel, ctx.aux = mask, causal, scale, kernel, aux
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, prefix_key, prefix_value, bias, out, lse = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False):
-            dout = dout.contiguous().transpose(1, 2)  # (b h q d) views of (b q h d), the layout the kernels produce
-            out = out.transpose(1, 2)
-            token_lse = lse.flatten(1, 2).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
-            dq, dk, dv = _token_backward(
-                ctx.kernel, ctx.aux, dout, q, k, v, out, token_lse.contiguous(), ctx.mask, ctx.causal, ctx.scale
-            )
-            scores, grouped = _prefix_scores(q, prefix_key, bias, ctx.scale)
-            acc = scores.dtype
-            probs = torch.exp(scores - lse[..., None])  # the joint softmax on the prefix positions
-            dout = dout.unflatten(1, lse.shape[1:3]).to(acc)
-            # D = rowsum(dO * O) of the joint softmax: dS = P (dO V^T - D) on every column, prefix ones included
-            delta = (dout * out.unflatten(1, lse.shape[1:3]).to(acc)).sum(-1, keepdim=True)
-            dscores = probs * (torch.einsum("bhgqd,bhpd->bhgqp", dout, prefix_value.to(acc)) - delta)
-            dq_prefix = torch.einsum("bhgqp,bhpd->bhgqd", dscores, prefix_key.to(acc)) * ctx.scale
-            dq = (dq.to(acc) + dq_prefix.flatten(1, 2)).to(dq.dtype)  # one rounding to a half-precision dq
-            dkey = torch.einsum("bhgqp,bhgqd->bhpd", dscores, grouped) * ctx.scale
-            dvalue = torch.einsum("bhgqp,bhgqd->bhpd", probs, dout)
-            dbias = None if bias is None else dscores.sum((1, 2, 3)).to(bias.dtype)
-        return dq, dk, dv, dkey.to(prefix_key.dtype), dvalue.to(prefix_value.dtype), dbias, None, None, None, None
-
-
-def split_attention(q, k, v, prefix_key, prefix_value, bias, mask, causal: bool, scale: float, kernel: str) -> Tensor:
-    """Softmax attention over [prefix, tokens] as two merged parts; returns (b q h d) like the model's sdpa.
-
-    q (b h q d); k, v (b h t d) with key/value heads; prefix_key, prefix_value (b h p d); bias (b p) or None;
-    mask: additive (b|1 1 q t) in q's dtype or None, with `causal` for a mask-free causal call.
-    """
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, prefix_key, prefix_value, bias)
-    )
-    if needs_grad:
-        return _SplitPrefixAttention.apply(q, k, v, prefix_key, prefix_value, bias, mask, causal, scale, kernel)
-    with torch.autocast(q.device.type, enabled=False):
-        return _split_forward(kernel, q, k, v, prefix_key, prefix_value, bias, mask, causal, scale)[0]
-
-
 def _token_mask(
     state: PrefixState, mask: Tensor, query: Tensor, causal_model: bool, module=None
 ) -> tuple[Tensor | None, bool]:
@@ -402,15 +255,50 @@ def _token_mask(
     return additive, causal
 
 
+def _biased_token_mask(state: PrefixState, mask: Tensor | None, position_bias: Tensor, query: Tensor, module) -> Tensor:
+    """The token part's additive mask with T5's relative position bias in it, (b|1 h q t) in the query's dtype.
+
+    Visible keys get the bias the frozen model gives them, hidden ones the dtype's min (as in `_token_mask`: a
+    row with no visible token stays finite). Built once per forward for each (mask, bias) pair the model passes:
+    the layers of a stack share both.
+    """
+    key = ("position_bias", id(mask), id(position_bias), query.dtype)
+    hit = state._token_masks.get(key)
+    if hit is not None and hit[0] is mask and hit[1] is position_bias:
+        return hit[2]
+    b, q, t = query.shape[0], query.shape[2], position_bias.shape[-1]
+    neg = torch.finfo(query.dtype).min
+    # no gradient flows into the bias (a bias that needs one keeps the joint path): a leaf T5 makes under
+    # activation checkpointing (zeros for cross-attention) leads nowhere
+    bias = position_bias.detach().to(query.dtype)
+    visible = _full_bool_mask(module, q, t, b, query.device) if mask is None else mask
+    if visible is None:
+        additive = bias
+    elif visible.dtype == torch.bool:
+        additive = torch.where(visible, bias, neg)
+    else:
+        additive = (bias + visible.to(query.dtype)).clamp_min(neg)
+    if query.device.type == "cuda" and t % 16:  # the memory-efficient kernel reads bias rows 16-element aligned
+        additive = torch.nn.functional.pad(additive, (0, 16 - t % 16))[..., :t]
+    if len(state._token_masks) >= 8:
+        state._token_masks.clear()
+    state._token_masks[key] = (mask, position_bias, additive)
+    return additive
+
+
 def _split_blocker(module, state: PrefixState, kwargs, mask, q: int, t: int, fused: bool) -> str | None:
     """Why the split path cannot compute this call, or None when it can."""
     if not fused:
         return "the model asked for eager attention"
     if kwargs.get("dropout", 0.0):  # transformers passes the attention dropout only in training
         return "attention dropout in training"
-    for name in ("position_bias", "softcap", "s_aux", "sinks"):
+    for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             return f"the model passes {name}"
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None and position_bias.grad_fn is not None:
+        # the fused kernels return no gradient for their mask, where the bias would be
+        return "the position bias needs a gradient (its relative-attention table trains)"
     if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 4 or mask.requires_grad):
         return "the attention mask is not a plain 4-d tensor"
     if mask is None and getattr(module, "is_causal", False) and 1 < q != t:
@@ -434,13 +322,16 @@ def _try_split(module, state, query, key, value, attention_mask, prefix, fused, 
         query, key, value = (x.to(dtype) for x in (query, key, value))
     q, t = query.shape[2], key.shape[2]
     blocker = _split_blocker(module, state, kwargs, attention_mask, q, t, fused)
+    position_bias = kwargs.get("position_bias")
     if blocker is None:
-        if attention_mask is None:
+        if position_bias is not None:
+            mask, causal = _biased_token_mask(state, attention_mask, position_bias, query, module), False
+        elif attention_mask is None:
             mask, causal = None, bool(getattr(module, "is_causal", False)) and q > 1
         else:
             causal_model = bool(getattr(module, "is_causal", False))
             mask, causal = _token_mask(state, attention_mask, query, causal_model, module)
-        kernel = _fused_kernel(query, mask is not None)
+        kernel = fused_kernel(query, mask is not None)
         if kernel is None:
             blocker = f"no fused kernel returns a log-sum-exp on {query.device.type} for head size {query.shape[-1]}"
     if blocker is not None:

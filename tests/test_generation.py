@@ -236,6 +236,17 @@ def test_fit_generation_writes_the_run_directory(fitted_run):
 
 
 @pytest.mark.slow  # whole fits
+def test_analyze_reports_the_prefix_attention_of_a_generation_run(fitted_run):
+    from moe_prefix.tools.analyze import analyze_run
+
+    text = analyze_run(fitted_run.run_dir, progress=False).read_text()
+    lam = text[text.index("## Prefix attention mass λ") : text.index("## Prefix lengths")]
+    assert "validation pairs (prompt + reference, teacher-forced; routed from the prompt)" in lam
+    assert "| layer | λ (95 % CI) |" in lam and "Mean λ over layers and heads" in lam
+    assert "Skipped" not in lam and "prefix key distance (median)" in text
+
+
+@pytest.mark.slow  # whole fits
 def test_evaluate_script_scores_the_bare_backbone(fitted_run, capsys):
     import sys
     from pathlib import Path

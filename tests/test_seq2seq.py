@@ -319,13 +319,6 @@ def test_split_path_on_bart_matches_hand_written_attention_and_the_joint_gradien
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
-def test_split_path_refuses_t5_position_bias():
-    mixture = attach(tiny_t5(), PrefixConfig(num_experts=2, prefix_len=3, attention_path="split")).eval()
-    ids, mask, decoder_ids = batch("right")
-    with pytest.raises(ValueError, match="position_bias"):
-        _forward(mixture, ids, mask, decoder_ids)
-
-
 # -- generate ---------------------------------------------------------------------------------------------
 def _generating_mixture(name, **overrides):
     cfg = PrefixConfig(**{"num_experts": 3, "prefix_len": 3, "top_k": 1, **overrides})

@@ -2,6 +2,7 @@
 tokenizer (no network), its batches, loss and decoding, and fit -> evaluate -> analyze end to end."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -154,4 +155,14 @@ def test_fit_evaluate_analyze_on_a_saved_bart(bart_dir, descriptions, tmp_path):
     bare = evaluate_run(run, no_prefix=True).metrics
     assert "val/router_entropy" not in bare and bare["val/loss"] != pytest.approx(metrics["val/loss"])
     report = analyze_run(run, progress=False)
-    assert report.is_file() and "routing" in report.read_text().lower()
+    text = report.read_text()
+    assert "routing" in text.lower()
+    lam = text[text.index("## Prefix attention mass λ") : text.index("## Prefix lengths")]
+    assert "Skipped" not in lam and "decoder self- and cross-attention over the reference's" in lam
+    # one row per site with its interval, then one per (site, layer)
+    for site in ("encoder self-attention", "decoder self-attention", "cross-attention"):
+        assert re.search(rf"\| {site} \| 2 \| 0\.\d{{3}} \(0\.\d{{3}} to 0\.\d{{3}}\) \|", lam), site
+    for site in ("encoder", "decoder", "cross"):
+        for layer in (0, 1):
+            assert re.search(rf"\| {site} \| {layer} \| 0\.\d{{3}} \(", lam), (site, layer)
+    assert "| cross 1 |" in text  # the bank geometry, per row

@@ -6,7 +6,7 @@ from conftest import FAMILIES, batch, tiny_bert, tiny_llama
 
 from moe_prefix import PrefixConfig, attach
 from moe_prefix import injection as inj
-from moe_prefix.injection import split_attention
+from moe_prefix.split_attention import fused_kernel, split_attention
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # (family, padding): BERT is bidirectional (right padding); the causal ones take both sides, and none at all.
@@ -238,7 +238,7 @@ def _check_split_attention(device, dtype, masked, tol):
     kernel_mask, causal = None, True
     if masked:  # as the attention function prepares it (on CUDA: rows padded for the efficient kernel)
         kernel_mask, causal = inj._token_mask(inj.PrefixState(kv=None), mask, tensors[0], True)
-    kernel = inj._fused_kernel(tensors[0], masked)
+    kernel = fused_kernel(tensors[0], masked)
     got = split_attention(*tensors, kernel_mask, causal, scale, kernel)
     expected = _joint_reference(*tensors, mask, scale)
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
@@ -262,7 +262,7 @@ def test_split_attention_matches_sdpa_over_prefix_and_tokens(dtype, masked):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_split_attention_on_cuda(dtype, masked):
     """flash (no mask, half precision) or memory-efficient (mask, or fp32) for the token part."""
-    kernel = inj._fused_kernel(torch.empty(1, 1, 1, 16, device="cuda", dtype=dtype), masked)
+    kernel = fused_kernel(torch.empty(1, 1, 1, 16, device="cuda", dtype=dtype), masked)
     assert kernel == ("flash" if dtype == torch.bfloat16 and not masked else "efficient")
     _check_split_attention("cuda", dtype, masked, 2e-2 if dtype == torch.bfloat16 else 1e-4)
 

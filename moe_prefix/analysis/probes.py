@@ -4,7 +4,9 @@
   transfer learning"), the share of each query's attention that lands on the prefix. Prefix tuning is a
   gated adapter whose gate is λ; in `concat` mode the prefix is k banks side by side, so λ splits into one
   gate per routed expert. Measured inside our attention function during the ordinary forward
-  (`PrefixState.probe_blocks`): no eager re-run, whatever kernel the model uses.
+  (`PrefixState.probe_blocks`): no eager re-run, whatever kernel the model uses. On an encoder-decoder model
+  each bank row is one site (encoder self-attention, decoder self-attention, cross-attention) of one layer;
+  `mass_by_site` averages them per site.
 - `prefix_key_geometry`: how many directions each bank uses (effective rank) and how alike the experts'
   keys are (linear CKA, principal angles), per layer.
 - `key_distance`: how far prefix keys lie from the distribution of the keys the frozen model computes for
@@ -35,6 +37,7 @@ __all__ = [
     "BankGeometry",
     "KeyDistance",
     "key_distance",
+    "mass_by_site",
     "mean_by_group",
     "prefix_attention_mass",
     "prefix_key_geometry",
@@ -63,8 +66,35 @@ def _to(batch: Mapping[str, Tensor], device) -> dict[str, Tensor]:
     return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in batch.items()}
 
 
+def _decoder_mask(mixture, batch: Mapping[str, Tensor]) -> Tensor | None:
+    """(b t') the real decoder tokens of a teacher-forced batch on an encoder-decoder model, else None.
+
+    The backbone shifts the labels right into decoder inputs, so decoder input i is real where label i is.
+    """
+    if not mixture.rows:
+        return None
+    if "labels" not in batch:
+        raise ValueError(
+            "probes of an encoder-decoder model need `labels` in each batch (the decoder's teacher-forced target, "
+            "-100 on padding), as the generation task's training batches carry"
+        )
+    return (batch["labels"] != -100).long()
+
+
 def _run_backbone(mixture, batch: Mapping[str, Tensor], state: PrefixState) -> None:
-    mixture.run_backbone(state, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    """The ordinary forward of a batch under `state`: teacher-forced on an encoder-decoder model."""
+    decoder = {}
+    if mixture.rows:
+        decoder_mask = _decoder_mask(mixture, batch)
+        decoder = {"labels": batch["labels"], "decoder_attention_mask": decoder_mask}
+    # the queries are the whole input: a generation batch routes from its prompt alone (router_input_ids)
+    state.query_mask = batch["attention_mask"]
+    mixture.run_backbone(state, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **decoder)
+
+
+def _row_map(mixture) -> dict[tuple[str, int], int] | None:
+    """(site, layer) -> bank row on an encoder-decoder model, as `prepare` builds it; None otherwise."""
+    return {where: row for row, where in enumerate(mixture.rows)} or None
 
 
 @torch.no_grad()
@@ -75,6 +105,9 @@ def prefix_attention_mass(
 
     ``batches``: dicts with input_ids, attention_mask (b t) and optionally group_ids, has_group, index (b),
     e.g. ``moe_prefix.tools.analyze.validation_batches(data)``. λ is averaged over each example's real query tokens.
+    Generation batches route from ``router_input_ids`` / ``router_attention_mask`` (the prompt alone) where they
+    carry them; an encoder-decoder model reads ``labels`` (b t') as the teacher-forced decoder input, and its
+    decoder and cross-attention λ is averaged over the real decoder tokens.
 
     Returns numpy arrays:
     - ``total`` (n l h): attention mass on the whole prefix (shared and routed positions);
@@ -83,7 +116,9 @@ def prefix_attention_mass(
       (so ``np.nanmean`` over n is the mean over routed examples); None in blend mode, where the banks
       are mixed into one prefix and their mass cannot be told apart;
     - ``experts`` (n k) routed banks, ``weights`` (n e) routing weights, ``lengths`` (n) prefix lengths;
-    - ``group_ids`` (n): group index, -1 where the example has none; ``index`` (n): position in its split.
+    - ``group_ids`` (n): group index, -1 where the example has none; ``index`` (n): position in its split;
+    - ``sites``, ``site_layers`` (l): on an encoder-decoder model the site and the layer (within its stack) of each
+      row l; None otherwise.
     """
     cfg = mixture.cfg
     if cfg.prefix_mode == "decoupled":
@@ -101,7 +136,8 @@ def prefix_attention_mass(
             batch = _to(batch, device)
             ids, mask = batch["input_ids"], batch["attention_mask"]
             b = ids.shape[0]
-            routing, state = mixture.prepare(ids, mask, batch.get("group_ids"))
+            router = (batch.get("router_input_ids", ids), batch.get("router_attention_mask", mask))
+            routing, state = mixture.prepare(*router, batch.get("group_ids"))
             k = routing.indices.shape[1]
             state.probe_blocks = k if concat else 1
             _run_backbone(mixture, batch, state)
@@ -131,7 +167,20 @@ def prefix_attention_mass(
         mixture.train(was_training)
     if not out["total"]:
         raise ValueError("no examples to probe")
-    return {key: np.concatenate(v) if v else None for key, v in out.items()}
+    result = {key: np.concatenate(v) if v else None for key, v in out.items()}
+    rows = mixture.rows
+    result["sites"] = np.array([site for site, _ in rows]) if rows else None
+    result["site_layers"] = np.array([layer for _, layer in rows]) if rows else None
+    return result
+
+
+def mass_by_site(mass: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """λ of each site, (n h) the mean over the site's layers, from `prefix_attention_mass` of an encoder-decoder
+    model; sites in bank-row order (encoder, decoder, cross), those without a prefix left out."""
+    if mass.get("sites") is None:
+        raise ValueError("mass_by_site needs the λ of an encoder-decoder model (its rows carry sites)")
+    sites = mass["sites"]
+    return {site: mass["total"][:, sites == site].mean(1) for site in dict.fromkeys(sites.tolist())}
 
 
 def mean_by_group(values: Any, group_ids: Any, num_groups: int | None = None) -> np.ndarray:
@@ -226,8 +275,10 @@ def key_distance(
 ) -> KeyDistance:
     """How far each prefix key lies from the keys the frozen model computes for real input tokens.
 
-    Real keys are captured in the attention path without any prefix (`PrefixState(kv=None, capture={})`),
-    at most ``max_tokens`` of them at random (seeded); half estimate each layer and head's key distribution
+    Real keys are captured in the attention path without any prefix (`PrefixState(kv=None, capture={})`; per
+    bank row on an encoder-decoder model, from teacher-forced batches as in `prefix_attention_mass`),
+    at most ``max_tokens`` of them at random (seeded; as many in every row as the row with the fewest has); half
+    estimate each layer and head's key distribution
     (mean, Ledoit-Wolf shrunk covariance), the other half are measured against it as the reference scale.
     """
     device = next(mixture.parameters()).device
@@ -237,23 +288,29 @@ def key_distance(
     try:
         for batch in _limited(batches, max_examples, progress, "real keys"):
             batch = _to(batch, device)
-            state = PrefixState(kv=None, capture={})
+            state = PrefixState(kv=None, capture={}, rows=_row_map(mixture))
             _run_backbone(mixture, batch, state)
-            real = batch["attention_mask"].bool().flatten()
+            encoder, decoder = batch["attention_mask"].bool().flatten(), _decoder_mask(mixture, batch)
             for layer, (k, _) in state.capture.items():
+                # decoder self-attention's keys are the decoder's tokens; cross-attention's the encoder's
+                real = decoder.bool().flatten() if mixture.rows and mixture.rows[layer][0] == "decoder" else encoder
                 captured[layer].append(rearrange(k.float(), "b h t d -> h (b t) d")[:, real].cpu())
     finally:
         mixture.train(was_training)
     if not captured[0]:
         raise ValueError("no examples to capture keys from")
-    real_keys = torch.stack([torch.cat(c, 1) for c in captured])  # (l h n d)
-    n = real_keys.shape[2]
+    rows = [torch.cat(c, 1) for c in captured]  # (h n d) each; n differs between an encoder's and a decoder's rows
+    n = min(keys.shape[1] for keys in rows)
     if n < 4:
         raise ValueError(f"need at least 4 real tokens to estimate a key distribution, got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_tokens]
-    half = len(order) // 2
-    reference = real_keys[:, :, order[:half]].double().numpy()
-    held_out = real_keys[:, :, order[half:]].double().numpy()
+    # The same number of keys in every row (the fewest any row has, at most max_tokens), each row's drawn from
+    # the same seed, so rows of equal length (every row of a single-stack model) draw the same tokens.
+    keep = min(n, max_tokens)
+    order = [torch.randperm(keys.shape[1], generator=torch.Generator().manual_seed(seed))[:keep] for keys in rows]
+    real_keys = torch.stack([keys[:, i] for keys, i in zip(rows, order, strict=True)])  # (l h keep d)
+    half = keep // 2
+    reference = real_keys[:, :, :half].double().numpy()
+    held_out = real_keys[:, :, half:].double().numpy()
     prefix = mixture.bank.tensor().detach()[:, :, 0].double().cpu().numpy()  # (e l h p d)
     return KeyDistance(
         prefix=mahalanobis_distance(prefix, reference[None]),

@@ -1,7 +1,8 @@
 """Analysis report of one run: `write_report` writes report.md + PNGs (`moe-prefix analyze RUN_DIR` calls it).
 
 Sections: routing by group (NMI and its permutation test), expert load and router entropy over training,
-routing collapse, the prefix attention mass λ (He et al. 2022) per layer × head, per expert and per group,
+routing collapse, the prefix attention mass λ (He et al. 2022) per layer × head, per expert and per group (and
+per site: encoder self-, decoder self- and cross-attention, on encoder-decoder models),
 prefix lengths (Spearman with bootstrap intervals), and the geometry of the banks. Every estimate comes
 with a 95 % bootstrap interval or a p-value; a section that does not apply to the run (a baseline without a
 router, a single expert, fixed lengths) says why in one sentence instead.
@@ -111,39 +112,41 @@ def plot_training_routing(log: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figu
     return fig
 
 
-def plot_lambda_heatmap(total: np.ndarray) -> Figure:
-    """Mean λ over examples, per layer × head: total (n l h)."""
+def plot_lambda_heatmap(total: np.ndarray, rows: list[str] | None = None) -> Figure:
+    """Mean λ over examples, per layer × head: total (n l h); rows: a label per layer (default its index)."""
     mean = _nanmean(total, 0)
     layers, heads = mean.shape
-    fig = _figure(1.5 + 0.45 * heads, 1.2 + 0.4 * layers)
+    fig = _figure(1.5 + 0.45 * heads + 0.05 * max(map(len, rows or [""])), 1.2 + 0.4 * layers)
     ax = fig.add_subplot()
-    _heatmap(ax, mean, [str(i) for i in range(layers)], [str(i) for i in range(heads)], vmin=0)
+    _heatmap(ax, mean, rows or [str(i) for i in range(layers)], [str(i) for i in range(heads)], vmin=0)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title("λ: attention mass on the prefix")
     return fig
 
 
-def plot_lambda_per_expert(per_expert: np.ndarray) -> Figure:
+def plot_lambda_per_expert(per_expert: np.ndarray, rows: list[str] | None = None) -> Figure:
     """λ on each expert's bank (mean over heads and over the examples routed to it): per_expert (n l h e)."""
     mean = _nanmean(per_expert.mean(2), 0).T  # (e l)
     experts, layers = mean.shape
     fig = _figure(1.8 + 0.5 * layers, 1.2 + 0.4 * experts)
     ax = fig.add_subplot()
-    _heatmap(ax, mean, [f"e{e}" for e in range(experts)], [str(i) for i in range(layers)], vmin=0)
+    _heatmap(ax, mean, [f"e{e}" for e in range(experts)], rows or [str(i) for i in range(layers)], vmin=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("expert")
     ax.set_title("λ per expert (routed examples)")
     return fig
 
 
-def plot_lambda_per_group(total: np.ndarray, group_ids: np.ndarray, group_names: list[str]) -> Figure:
+def plot_lambda_per_group(
+    total: np.ndarray, group_ids: np.ndarray, group_names: list[str], rows: list[str] | None = None
+) -> Figure:
     """λ per group × layer (mean over heads and over the group's examples): total (n l h), group_ids (n)."""
     mean = probes.mean_by_group(total.mean(2), group_ids, len(group_names))  # (g l)
     layers = mean.shape[1]
     fig = _figure(2.0 + 0.5 * layers, 1.2 + 0.4 * len(group_names))
     ax = fig.add_subplot()
-    _heatmap(ax, mean, list(group_names), [str(i) for i in range(layers)], vmin=0)
+    _heatmap(ax, mean, list(group_names), rows or [str(i) for i in range(layers)], vmin=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("group")
     ax.set_title("λ per group")
@@ -166,8 +169,9 @@ def plot_prefix_lengths(table: RoutingTable) -> Figure:
     return fig
 
 
-def plot_expert_similarity(geometry: probes.BankGeometry) -> Figure:
-    """Linear CKA between the experts' keys, one (e e) panel per layer: geometry.key_cka (l e e)."""
+def plot_expert_similarity(geometry: probes.BankGeometry, names: list[str] | None = None) -> Figure:
+    """Linear CKA between the experts' keys, one (e e) panel per layer: geometry.key_cka (l e e); names: a title
+    per layer (default "layer i")."""
     cka = geometry.key_cka
     layers, e = cka.shape[:2]
     cols = min(layers, 6)
@@ -182,13 +186,13 @@ def plot_expert_similarity(geometry: probes.BankGeometry) -> Figure:
         image = ax.imshow(cka[layer], vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(e), labels, fontsize=6)
         ax.set_yticks(range(e), labels, fontsize=6)
-        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_title(names[layer] if names else f"layer {layer}", fontsize=8)
     fig.colorbar(image, ax=axes.tolist(), shrink=0.8)
     fig.suptitle("linear CKA between experts' keys")
     return fig
 
 
-def plot_key_distance(distance: probes.KeyDistance) -> Figure:
+def plot_key_distance(distance: probes.KeyDistance, rows: list[str] | None = None) -> Figure:
     """Mahalanobis distance of prefix keys vs held-out real keys, per layer (box plots)."""
     layers = distance.real.shape[0]
     prefix = [distance.prefix[:, i].ravel() for i in range(layers)]
@@ -199,7 +203,7 @@ def plot_key_distance(distance: probes.KeyDistance) -> Figure:
     for values, offset, colour in ((real, -0.18, "0.8"), (prefix, 0.18, "C1")):
         boxes = {"facecolor": colour}
         ax.boxplot(values, positions=at + offset, widths=0.3, showfliers=False, patch_artist=True, boxprops=boxes)
-    ax.set_xticks(at, [str(i) for i in range(layers)])
+    ax.set_xticks(at, rows or [str(i) for i in range(layers)], rotation=45 if rows else 0)
     ax.set_xlabel("layer")
     ax.set_ylabel("Mahalanobis distance")
     ax.set_title("keys: real held-out (grey) vs prefix (orange)")
@@ -342,7 +346,16 @@ def _collapse_section(rep: _Report, table: RoutingTable, log: dict) -> None:
             )
 
 
-def _lambda_section(rep: _Report, mixture, mass: dict | None, group_names: list[str], skip: str | None) -> None:
+def _bank_rows(mixture) -> list[str] | None:
+    """A label per bank row of an encoder-decoder model ("encoder 0", "cross 1", ...); None for one stack."""
+    rows = getattr(mixture, "rows", None)
+    return [f"{site} {layer}" for site, layer in rows] if rows else None
+
+
+SITE_NAMES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention", "cross": "cross-attention"}
+
+
+def _lambda_section(rep: _Report, cfg, mixture, mass: dict | None, group_names: list[str], skip: str | None) -> None:
     rep.section("Prefix attention mass λ")
     if skip:
         rep.add(f"Skipped: {skip}")
@@ -355,17 +368,40 @@ def _lambda_section(rep: _Report, mixture, mass: dict | None, group_names: list[
         return
     total = mass["total"]  # (n l h)
     n, layers, _ = total.shape
+    rows = _bank_rows(mixture)
+    what = f"of {n} validation examples"
+    if cfg.model.task == "generation":
+        what = f"of {n} validation pairs (prompt + reference, teacher-forced; routed from the prompt)"
+        if rows:
+            what += (
+                ": encoder self-attention over the prompt's tokens, decoder self- and cross-attention over the "
+                "reference's (decoder inputs)"
+            )
     rep.add(
         f"λ (He et al. 2022) is each query's share of attention on the prefix, averaged over the real tokens "
-        f"of {n} validation examples and measured inside the attention call of the ordinary forward."
+        f"{what}, and measured inside the attention call of the ordinary forward."
     )
-    rep.figure(plot_lambda_heatmap(total), "lambda_layer_head", "λ per layer and head")
+    rep.figure(plot_lambda_heatmap(total, rows), "lambda_layer_head", "λ per layer and head")
     if n < 2:
         rep.add("Too few examples for intervals.")
         return
     rep.add(f"Mean λ over layers and heads: {_ci(bootstrap_ci(total.mean((1, 2))))}.")
+    if rows:
+        sites = probes.mass_by_site(mass)
+        rep.add("Per site (mean over the site's layers and heads):")
+        rep.table(
+            ["site", "layers", "λ (95 % CI)"],
+            [
+                [SITE_NAMES[site], int((mass["sites"] == site).sum()), _ci(bootstrap_ci(v.mean(1)), label="")]
+                for site, v in sites.items()
+            ],
+        )
     per_layer = bootstrap_ci(total.mean(2))
-    rep.table(["layer", "λ (95 % CI)"], [[i, _ci_cell(per_layer, i)] for i in range(layers)])
+    if rows:
+        cells = [[site, int(layer)] for site, layer in zip(mass["sites"], mass["site_layers"], strict=True)]
+        rep.table(["site", "layer", "λ (95 % CI)"], [[*cells[i], _ci_cell(per_layer, i)] for i in range(layers)])
+    else:
+        rep.table(["layer", "λ (95 % CI)"], [[i, _ci_cell(per_layer, i)] for i in range(layers)])
     if mass.get("shared") is not None:
         shared = mass["shared"].mean((1, 2))  # (n)
         rep.add(
@@ -378,21 +414,21 @@ def _lambda_section(rep: _Report, mixture, mass: dict | None, group_names: list[
     elif per_expert.shape[-1] == 1:
         rep.add("No per-expert λ: one expert.")
     else:
-        rep.figure(plot_lambda_per_expert(per_expert), "lambda_expert", "λ per expert and layer")
-        rows = []
+        rep.figure(plot_lambda_per_expert(per_expert, rows), "lambda_expert", "λ per expert and layer")
+        cells = []
         for e in range(per_expert.shape[-1]):
             values = per_expert[..., e].mean((1, 2))  # (n), NaN where not routed to e
             values = values[np.isfinite(values)]
             cell = _ci(bootstrap_ci(values), label="") if len(values) >= 2 else "too few routed examples"
-            rows.append([f"e{e}", len(values), cell])
+            cells.append([f"e{e}", len(values), cell])
         rep.add("λ on each expert's bank (includes the log-weight gate), over the examples routed to it:")
-        rep.table(["expert", "examples", "λ (95 % CI)"], rows)
+        rep.table(["expert", "examples", "λ (95 % CI)"], cells)
     groups = mass["group_ids"]
     present = [g for g in range(len(group_names)) if (groups == g).sum() >= 2]
     if not present:
         rep.add("No per-group λ: the examples carry no group, or each group has fewer than two examples.")
         return
-    rep.figure(plot_lambda_per_group(total, groups, group_names), "lambda_group", "λ per group and layer")
+    rep.figure(plot_lambda_per_group(total, groups, group_names, rows), "lambda_group", "λ per group and layer")
     rep.table(
         ["group", "examples", "λ (95 % CI)"],
         [
@@ -439,9 +475,11 @@ def _geometry_section(rep: _Report, mixture, distance: probes.KeyDistance | None
         "(order of positions ignored); angles are between the spans of each bank's leading key directions."
     )
     off = ~np.eye(e, dtype=bool)
+    labels = _bank_rows(mixture)
     rows = []
     for layer in range(geo.key_cka.shape[0]):
-        row = [layer, f"{geo.key_rank[:, layer].mean():.2f}", f"{geo.value_rank[:, layer].mean():.2f}"]
+        name = labels[layer] if labels else layer
+        row = [name, f"{geo.key_rank[:, layer].mean():.2f}", f"{geo.value_rank[:, layer].mean():.2f}"]
         if e > 1:
             angles = np.degrees(geo.key_angles[layer].mean(-1))[:, off]
             row += [f"{geo.key_cka[layer][off].mean():.3f}", f"{angles.mean():.1f}"]
@@ -457,14 +495,14 @@ def _geometry_section(rep: _Report, mixture, distance: probes.KeyDistance | None
     if e == 1:
         rep.add("CKA and angles between experts are skipped: the run has one expert.")
     else:
-        rep.figure(plot_expert_similarity(geo), "expert_similarity", "linear CKA between experts' keys")
+        rep.figure(plot_expert_similarity(geo, labels), "expert_similarity", "linear CKA between experts' keys")
     rep.table(
         ["expert", "key eff. rank", "value eff. rank"],
         [[f"e{i}", f"{geo.key_rank[i].mean():.2f}", f"{geo.value_rank[i].mean():.2f}"] for i in range(e)],
     )
     if distance is None:
         return
-    rep.figure(plot_key_distance(distance), "key_distance", "distance of keys from the real-key distribution")
+    rep.figure(plot_key_distance(distance, labels), "key_distance", "distance of keys from the real-key distribution")
     prefix, real = distance.prefix.ravel(), distance.real.ravel()
     rep.add(
         f"Mahalanobis distance from the distribution of {distance.num_reference} real tokens' keys per layer "
@@ -518,7 +556,7 @@ def write_report(
     _routing_section(rep, table)
     _training_section(rep, table, training_log)
     _collapse_section(rep, table, training_log)
-    _lambda_section(rep, mixture, mass, group_names or [], skip)
+    _lambda_section(rep, cfg, mixture, mass, group_names or [], skip)
     _length_section(rep, table)
     _geometry_section(rep, mixture, distance, skip)
     path = folder / REPORT_FILE

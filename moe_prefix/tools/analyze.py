@@ -13,18 +13,22 @@ from moe_prefix.analysis.report import write_report
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.datamodule import subsample
 from moe_prefix.train.engine import load_run
+from moe_prefix.train.generation import GenerationData
 from moe_prefix.train.run_config import ConfigError
 
 ANALYSIS_DIR = "analysis"  # inside the run directory
 
 
 def validation_batches(data, max_examples: int | None = None, seed: int = 0):
-    """Batches of a seeded random subset of ``data.val_set`` (in split order; None: all of it).
+    """Batches of a seeded random subset of the validation examples (in split order; None: all of them).
 
+    Classification: ``data.val_set``. Generation: the reference pairs ``data.val_pairs`` (prompt + target,
+    teacher-forced, the router reading the prompt), as the validation loss reads them.
     A random subset rather than the first examples: splits are often ordered by group, and the first N
     examples may all come from one domain.
     """
-    return data.eval_loader(subsample(data.val_set, max_examples, seed))
+    items = data.val_pairs if isinstance(data, GenerationData) else data.val_set
+    return data.eval_loader(subsample(items, max_examples, seed))
 
 
 def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: bool = True) -> Path:
@@ -41,10 +45,8 @@ def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: b
     if len(table.ids) < 2:
         raise ConfigError(f"{run_dir} has {len(table.ids)} validation example(s): the statistics need at least 2")
 
-    mixture, mass, distance, group_names, skip = None, None, None, [], None
-    if cfg.model.method == "prefix" and cfg.model.task != "classification":
-        skip = f"the model probes read classification batches; this is a {cfg.model.task} run."
-    elif cfg.model.method == "prefix":
+    mixture, mass, distance, group_names = None, None, None, []
+    if cfg.model.method == "prefix":
         cfg, built = load_run(run_dir, cfg)
         mixture, group_names = built.network.mixture, list(built.data.group_names)
         loader = validation_batches(built.data, max_examples)
@@ -63,5 +65,4 @@ def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: b
         mass=mass,
         distance=distance,
         group_names=group_names,
-        skip=skip,
     )
