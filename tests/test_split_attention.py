@@ -284,3 +284,26 @@ def test_auto_splits_on_cuda(monkeypatch):
     ids, mask = (x.cuda() for x in _inputs("left"))
     _mixture("llama", "auto", torch.float32).cuda()(input_ids=ids, attention_mask=mask)
     assert len(calls) == 2
+
+
+def test_a_generation_batch_routed_from_its_prompt_still_runs_tokens_with_is_causal(monkeypatch):
+    """CausalLM routes from the prompt alone; the split path must still see the whole sequence's mask to know a
+    right-padded training batch is plain causal (flash with is_causal rather than the masked kernel)."""
+    from moe_prefix.train.networks import CausalLM
+    from moe_prefix.train.run_config import ModelConfig
+
+    cfg = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_init="random", attention_path="split")
+    network = CausalLM(tiny_llama(), ModelConfig(task="generation"), cfg)
+    seen = []
+    token_mask = inj._token_mask
+
+    def spy(*args, **kwargs):
+        mask, causal = token_mask(*args, **kwargs)
+        seen.append(causal)
+        return mask, causal
+
+    monkeypatch.setattr(inj, "_token_mask", spy)
+    ids, mask = batch(b=3, t=9, pad_side="right")
+    prompt, prompt_mask = ids[:, :4], mask[:, :4]
+    network(ids, mask, labels=ids, router_input_ids=prompt, router_attention_mask=prompt_mask)
+    assert seen and all(seen)

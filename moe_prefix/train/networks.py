@@ -129,6 +129,9 @@ class CausalLM(nn.Module):
         """router_* carry the prompt alone, so the router never sees the target; group_ids: oracle routing."""
         if self.method == "prefix":
             routing, state = self.body.prepare(router_input_ids, router_attention_mask, group_ids)
+            # The router read the prompt; attention's queries are the whole sequence. With the prompt's mask here
+            # the split path could not recognise a right-padded causal batch and would skip flash's is_causal.
+            state.query_mask = attention_mask
             out = self.body.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return TaskOutput(out.logits, routing, out.loss)
         # encoder-decoder models place their tokens themselves (BART, T5 take no position_ids)
