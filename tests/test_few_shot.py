@@ -9,7 +9,7 @@ from test_gem import gem_cache  # noqa: F401  (a fixture: a cache holding a fake
 
 from moe_prefix.train import data as data_io
 from moe_prefix.train import few_shot, gem
-from moe_prefix.train.engine import fit
+from moe_prefix.train.engine import evaluate_run, fit
 from moe_prefix.train.run_config import ConfigError, load_config
 
 
@@ -153,13 +153,15 @@ def test_untrained_run_writes_the_metrics_and_table_of_a_trained_one_and_is_dete
         again = _untrained_run(tiny_lm_dir, tmp_path / "again", "seed=3").run_dir
     assert (again / "routing.csv").read_text() == (run / "routing.csv").read_text()
     assert json.loads((again / "metrics.json").read_text()) == metrics
+    # evaluate reads it back like any finished run (its adapter file holds no tensor)
+    with pytest.warns(UserWarning):
+        evaluated = evaluate_run(run).metrics
+    assert evaluated == pytest.approx({k: v for k, v in metrics.items() if k.startswith("val/")})
 
 
 @pytest.mark.slow  # a fit and an evaluation
 def test_zero_shot_untrained_run_equals_the_bare_backbone_of_evaluate(gem_cache, tiny_lm_dir, tmp_path):  # noqa: F811
     """model.method=none without demonstrations is what `evaluate --no-prefix` scores on a trained run's split."""
-    from moe_prefix.train.engine import evaluate_run
-
     untrained = _untrained_run(tiny_lm_dir, tmp_path / "none", "data.few_shot=0").metrics
     trained = _untrained_run(
         tiny_lm_dir, tmp_path / "prefix", "data.few_shot=0", "model.method=prefix", "trainer.max_steps=2"
