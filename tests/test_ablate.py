@@ -155,6 +155,64 @@ def test_summary_pairs_generation_examples_on_their_scores(tmp_path):
     assert up["pairs"] == "10" and int(up["only_arm"]) > int(up["only_ref"])  # lower SER counts as better
 
 
+def test_an_arm_that_trains_nothing_runs_once_and_stands_for_every_seed(tmp_path, monkeypatch):
+    """model.method=none is deterministic: one run (the first seed), paired with every reference seed at the seed
+    level (its value against each seed's) and at the example level (its scores against each run's)."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "overrides: [model.task=generation, data.source=e2e_nlg]\nseeds: [0, 1, 2, 3]\nreference: ref\n"
+        "metric: val/bleu\narms:\n  ref: []\n  other: [prefix.top_k=1]\n"
+        "  fewshot: [model.method=none, data.few_shot=2, model.max_length=128]\n"
+    )
+    sweep = load_sweep(path)
+    assert sweep.once == ["fewshot"]
+    out = tmp_path / "out"
+    started = []
+
+    def fake_run(cmd, **kwargs):
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        started.append(run_dir)
+        (run_dir / rd.METRICS_FILE).write_text(json.dumps({"val/bleu": 1.0, "trainable_params": 1}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", fake_run)
+    run_sweep(sweep, out)
+    assert len(started) == 4 + 4 + 1 and [d for d in started if "fewshot" in str(d)] == [out / "fewshot" / "seed0"]
+    rng = np.random.default_rng(1)
+    ref = {s: rng.uniform(10, 60, 15) for s in sweep.seeds}
+    few = rng.uniform(5, 55, 15)
+    for run in plan(sweep, tmp_path / "runs"):
+        bleu = few if run.arm == "fewshot" else ref[run.seed] + (2.0 if run.arm == "other" else 0.0)
+        _write_generation_run(run.run_dir, float(bleu.mean()), {"bleu": bleu})
+    text = summarise(sweep, tmp_path / "runs").read_text()
+    rows = _summary_rows(tmp_path / "runs")
+    row = rows["fewshot"]
+    assert row["n"] == "1" and row["ci_low"] == "nan" and "| fewshot | 1 |" in text and "One run each" in text
+    a = np.full(4, few.mean())
+    b = np.array([ref[s].mean() for s in sweep.seeds])
+    exact = permutation_test((a - b,), np.mean, permutation_type="samples", n_resamples=10_000).pvalue
+    assert float(row["diff"]) == pytest.approx((a - b).mean()) and float(row["p"]) == pytest.approx(exact)
+    d = np.concatenate([few - ref[s] for s in sweep.seeds])
+    res = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=20_000, random_state=0)
+    assert row["pairs"] == "60" and float(row["p_example"]) == pytest.approx(res.pvalue, abs=0.01)
+    assert (int(row["only_arm"]), int(row["only_ref"])) == (int((d > 0).sum()), int((d < 0).sum()))
+    assert float(rows["other"]["p_example_holm"]) == pytest.approx(
+        holm([float(rows["other"]["p_example"]), float(row["p_example"])])[0]
+    )
+    with open(tmp_path / "runs" / "runs.csv", newline="") as f:
+        assert [r["arm"] for r in csv.DictReader(f)].count("fewshot") == 1
+
+
+def test_an_arm_cannot_start_from_an_arm_that_trains_nothing(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "overrides: [model.task=generation, data.source=e2e_nlg]\narms:\n  bare: [model.method=none]\n"
+        "  next: [model.init_from=@bare]\n"
+    )
+    with pytest.raises(ConfigError, match="@bare trains nothing and runs once"):
+        load_sweep(path)
+
+
 def test_bad_arm_fails_before_any_run():
     with pytest.raises(ConfigError, match="arm 'prefix.top_k=9'"):
         sweep_from_grid(None, ["prefix.top_k=1,9"], [0], [])

@@ -198,4 +198,4 @@ def test_every_gem4_study_arm_trains_a_step_on_a_tiny_backbone(gem_cache, tiny_l
     for arm, overrides in sweep.arms.items():
         cfg = load_config(sweep.base, [*sweep.overrides, *overrides, *tiny, f"run_dir={tmp_path / arm}"])
         metrics = json.loads((fit(cfg).run_dir / "metrics.json").read_text())
-        assert sweep.metric in metrics and metrics["steps"] == 2, arm
+        assert sweep.metric in metrics and metrics["steps"] == (0 if arm in sweep.once else 2), arm

@@ -4,6 +4,7 @@ from scipy import stats as sps
 
 from moe_prefix.analysis.routing_stats import (
     expert_load,
+    group_experts,
     linear_separability,
     nmi_permutation_test,
     normalized_mutual_info,
@@ -125,3 +126,15 @@ def test_linear_separability_of_separated_and_of_unrelated_groups():
         linear_separability(x[:-1], groups)
     with pytest.raises(ValueError, match="holdout is the held-out share"):
         linear_separability(x, groups, holdout=1.0)
+
+
+def test_group_experts_counts_top1_and_mean_weight_per_group():
+    """By hand: source a (3 inputs) puts its top-1 on e0 twice and e1 once; b (1 input) on e2."""
+    groups = ["b", "a", "a", "a"]
+    weights = [[0.0, 0.3, 0.7], [0.6, 0.4, 0.0], [0.5, 0.0, 0.5], [0.2, 0.8, 0.0]]  # a tie goes to the first expert
+    out = group_experts(groups, weights)
+    assert out.names == ["a", "b"] and out.counts.tolist() == [3, 1]
+    np.testing.assert_allclose(out.top1_share, [[2 / 3, 1 / 3, 0], [0, 0, 1]])
+    np.testing.assert_allclose(out.mean_weight, [[1.3 / 3, 1.2 / 3, 0.5 / 3], [0, 0.3, 0.7]])
+    with pytest.raises(ValueError, match="same examples"):
+        group_experts(groups[:3], weights)

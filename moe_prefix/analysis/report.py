@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from moe_prefix.router import detect_collapse
 
 from . import probes
-from .routing_stats import RoutingTable, expert_load, nmi_permutation_test, routing_entropy
+from .routing_stats import RoutingTable, expert_load, group_experts, nmi_permutation_test, routing_entropy
 from .stats import bootstrap_ci, cohens_d, spearman_with_ci
 
 __all__ = [
@@ -82,6 +82,21 @@ def plot_routing_heatmap(table: RoutingTable) -> Figure:
     ax.set_xlabel("group")
     ax.set_ylabel("top-1 expert")
     ax.set_title("routing: share of each group per expert")
+    return fig
+
+
+def plot_group_experts(table: RoutingTable) -> Figure:
+    """Group × expert: the share of each group's examples whose top-1 expert is e, and the group's mean routing
+    weight on e (`routing_stats.group_experts`); each row sums to 1 in both panels."""
+    routing = group_experts(_group_labels(table.groups), table.weights)
+    rows = [f"{name} (n={n})" for name, n in zip(routing.names, routing.counts, strict=True)]
+    experts = [f"e{e}" for e in range(table.num_experts)]
+    fig = _figure(3.0 + 1.4 * table.num_experts, 1.2 + 0.45 * len(rows))
+    for i, (matrix, title) in enumerate(((routing.top1_share, "top-1 share"), (routing.mean_weight, "mean weight"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        _heatmap(ax, matrix, rows if i == 0 else [""] * len(rows), experts, vmin=0, vmax=1)
+        ax.set_xlabel("expert")
+        ax.set_title(title)
     return fig
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "normalized_mutual_info",
     "nmi_permutation_test",
     "linear_separability",
+    "GroupExperts",
+    "group_experts",
 ]
 
 
@@ -246,6 +248,33 @@ def nmi_permutation_test(
         tables = np.bincount(flat.ravel(), minlength=r * ka * kb).reshape(r, ka, kb)
         count += int(np.count_nonzero(_mutual_info(tables, rows, cols, n) >= observed - gamma))
     return nmi, (count + 1) / (n_permutations + 1)
+
+
+class GroupExperts(NamedTuple):
+    """Which experts each group (a gem4 source, a domain) goes to; rows of both matrices sum to 1.
+
+    ``top1_share`` (g e): share of the group's examples whose largest routing weight is on expert e;
+    ``mean_weight`` (g e): the group's mean routing weight on e (top-k: zero off the chosen banks), which also
+    counts the second choice that top-1 ignores.
+    """
+
+    names: list[str]  # (g) group names, sorted
+    counts: np.ndarray  # (g) examples per group
+    top1_share: np.ndarray
+    mean_weight: np.ndarray
+
+
+def group_experts(groups: Any, weights: Any) -> GroupExperts:
+    """Routing per group from per-example groups (n) and routing weights (n e); top-1 is the arg-max weight."""
+    g = np.asarray(groups)
+    w = as_numpy(weights, dtype=np.float64)
+    if w.ndim != 2 or len(g) != len(w):
+        raise ValueError(f"groups (n) and weights (n e) must describe the same examples, got {g.shape} and {w.shape}")
+    names = sorted({str(x) for x in g.tolist()})
+    members = np.array([[str(x) == name for x in g.tolist()] for name in names], dtype=np.float64)  # (g n)
+    counts = members.sum(1)
+    top1 = np.eye(w.shape[1])[w.argmax(1)]  # (n e) one-hot
+    return GroupExperts(names, counts, members @ top1 / counts[:, None], members @ w / counts[:, None])
 
 
 @dataclass

@@ -10,6 +10,12 @@ matched seeds together (McNemar's exact test, which can decide with few seeds wh
 
 An arm can start from another arm's runs: `model.init_from=@sft` in its overrides becomes the run directory of
 arm `sft` with the same seed, and the run waits for that one (SFT, then reinforcement fine-tuning).
+
+An arm that trains nothing (`model.method=none`: the bare backbone, zero- or few-shot) is deterministic: its
+demonstrations are drawn with data.split_seed, decoding is greedy and no weight moves, so every seed would repeat
+one run. It runs once, with the sweep's first seed, and that run stands for every seed in the comparisons: at the
+seed level its value is paired with each reference seed, at the example level its per-example scores with each
+reference run's.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class Sweep:
     untested: list[str] = field(default_factory=list)  # arms summarised but kept out of the tests and their Holm
     # family: stages other arms start from (model.init_from=@arm), or references such as LoRA
     example_score: str = "bleu"  # generation: the routing.csv column paired across runs (sentence BLEU)
+    once: list[str] = field(default_factory=list)  # arms run once, with the first seed, standing for every seed:
+    # load_sweep and sweep_from_grid list there the arms that train nothing (model.method=none), which are deterministic
 
     @property
     def metrics(self) -> list[str]:
@@ -155,6 +163,7 @@ def _check(sweep: Sweep) -> Sweep:
             raise ConfigError(
                 f"untested arm {arm!r} must be one of the arms other than the reference: {', '.join(sweep.arms)}"
             )
+    untrained = []
     for name, ovs in sweep.arms.items():
         earlier = list(sweep.arms)[: list(sweep.arms).index(name)]
         for target in filter(None, map(_arm_reference, ovs)):
@@ -164,9 +173,16 @@ def _check(sweep: Sweep) -> Sweep:
                     f"arms before it: {', '.join(earlier) or 'none'}"
                 )
         try:  # `@arm` stands for a run directory, which exists only once the sweep runs
-            load_config(sweep.base, [*sweep.overrides, *(_resolve_arm_reference(o, Path("out"), 0) for o in ovs)])
+            cfg = load_config(sweep.base, [*sweep.overrides, *(_resolve_arm_reference(o, Path("out"), 0) for o in ovs)])
         except ConfigError as err:
             raise ConfigError(f"arm {name!r}: {err}") from None
+        if cfg.model.method == "none":
+            untrained.append(name)
+    sweep.once = [arm for arm in sweep.arms if arm in untrained or arm in sweep.once]
+    for name, ovs in sweep.arms.items():
+        for target in filter(None, map(_arm_reference, ovs)):
+            if target in sweep.once:
+                raise ConfigError(f"arm {name!r}: @{target} trains nothing and runs once: no run to start from")
     return sweep
 
 
@@ -179,8 +195,8 @@ def arm_steps(sweep: Sweep) -> dict[str, int | None]:
     steps: dict[str, int | None] = {}
     for name, ovs in sweep.arms.items():
         cfg = load_config(sweep.base, [*sweep.overrides, *(_resolve_arm_reference(o, Path("out"), 0) for o in ovs)])
-        max_steps = int(cfg.trainer.get("max_steps", -1))
-        total = max_steps if max_steps > 0 else None
+        max_steps = 0 if cfg.model.method == "none" else int(cfg.trainer.get("max_steps", -1))
+        total = max_steps if max_steps >= 0 else None
         for target in (_arm_reference(o) for o in ovs if o.startswith("model.init_from=")):
             total = None if total is None or steps[target] is None else total + steps[target]
         steps[name] = total
@@ -210,6 +226,7 @@ class Run:
 
 def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
     """Every (arm, seed) run, seed by seed: a sweep stopped part-way has compared all arms on its first seeds.
+    An arm of `sweep.once` has one run, with the first seed.
 
     The sweep's name, which trackers use as W&B group and MLflow experiment, is its output folder's name."""
     return [
@@ -233,6 +250,7 @@ def plan(sweep: Sweep, out_dir: Path) -> list[Run]:
         )
         for seed in sweep.seeds
         for arm, ovs in sweep.arms.items()
+        if arm not in sweep.once or seed == sweep.seeds[0]
     ]
 
 
@@ -421,12 +439,15 @@ def _compare_arms(
     reference arm: on the seeds' metric, and (example_level) McNemar's on the correctness of each validation
     example in routing.csv, which belongs with the sweep's main metric only."""
     by_arm = {arm: {row["seed"]: row for row in rows if row["arm"] == arm} for arm in sweep.arms}
-    ref = by_arm.get(sweep.reference or "", {})
+    ref = _every_seed(sweep, sweep.reference or "", by_arm.get(sweep.reference or "", {}))
     summary = []
     for arm, seeds in by_arm.items():
         if not seeds:
             continue
-        values = np.array([s["metric"] for s in seeds.values()])
+        runs = seeds  # the runs themselves (an arm of sweep.once has one), for the mean and the interval
+        seeds = _every_seed(sweep, arm, seeds)
+        values = np.array([s["metric"] for s in runs.values()])
+        times = [np.nan if _missing(s["train_time_s"]) else s["train_time_s"] for s in runs.values()]  # 0: untrained
         est, low, high = bootstrap_ci(values, seed=0) if len(values) > 1 else (values[0], np.nan, np.nan)
         entry = {
             "arm": arm,
@@ -434,8 +455,8 @@ def _compare_arms(
             "mean": est,
             "ci_low": low,
             "ci_high": high,
-            "trainable_params": int(np.median([s["trainable_params"] or 0 for s in seeds.values()])),
-            "train_time_s": float(np.median([s["train_time_s"] or np.nan for s in seeds.values()])),
+            "trainable_params": int(np.median([s["trainable_params"] or 0 for s in runs.values()])),
+            "train_time_s": float(np.median(times)),
             "diff": np.nan,
             "diff_ci_low": np.nan,
             "diff_ci_high": np.nan,
@@ -450,7 +471,7 @@ def _compare_arms(
         }
         matched = sorted(set(seeds) & set(ref)) if arm not in sweep.untested else []
         if example_level and arm != sweep.reference and matched:
-            pairs = [(run_dirs[arm, s], run_dirs[sweep.reference, s]) for s in matched]
+            pairs = [(run_dirs[arm, seeds[s]["seed"]], run_dirs[sweep.reference, ref[s]["seed"]]) for s in matched]
             entry["pairs"], test = example_level_test(pairs, sweep.example_score)
             if test is not None:
                 entry.update(only_arm=test.only_a, only_ref=test.only_b, p_example=test.pvalue)
@@ -464,6 +485,13 @@ def _compare_arms(
         summary.append(entry)
     _holm_columns(summary)
     return summary
+
+
+def _every_seed(sweep: Sweep, arm: str, runs: dict[int, dict]) -> dict[int, dict]:
+    """An arm's rows by seed; the one run of an arm of sweep.once (deterministic) stands for every seed."""
+    if arm in sweep.once and runs:
+        return dict.fromkeys(sweep.seeds, next(iter(runs.values())))
+    return runs
 
 
 def _holm_columns(entries: list[dict]) -> None:
@@ -537,6 +565,14 @@ def _write_summary(
         ]
     if sweep.untested:
         lines += ["", f"Not tested (outside the Holm family): {', '.join(sweep.untested)}."]
+    once = [arm for arm in sweep.once if any(e["arm"] == arm for summary in tables.values() for e in summary)]
+    if once:
+        lines += [
+            "",
+            f"One run each (seeds 1; they train nothing, so every seed would repeat it): {', '.join(once)}. That run "
+            f"stands for every seed in the tests against {ref}: its value is paired with each seed's, its per-example "
+            "scores with each run's; it has no interval.",
+        ]
     if _chained(sweep):
         budget = ", ".join(f"{arm} {'epochs' if n is None else n}" for arm, n in arm_steps(sweep).items())
         lines += ["", f"Training steps per arm, counting the runs an arm starts from (model.init_from=@arm): {budget}."]

@@ -31,6 +31,12 @@ def validation_batches(data, max_examples: int | None = None, seed: int = 0):
     return data.eval_loader(subsample(items, max_examples, seed))
 
 
+def prompt_batches(data, max_examples: int | None = None, seed: int = 0):
+    """Generation runs: batches of a seeded random subset of the validation prompts (left-padded, with the source
+    as group), what the router sees and the prefix is probed on at decoding time."""
+    return data.generation_loader(subsample(data.val_prompts, max_examples, seed), data.val_examples)
+
+
 def analyze_run(run_dir: str | Path, max_examples: int | None = 512, progress: bool = True) -> Path:
     """Write RUN_DIR/analysis/report.md and its PNG figures; returns the report's path.
 

@@ -123,7 +123,10 @@ def _fit_built(
             mixture.init_router_kmeans(built.data.router_sample(KMEANS_SAMPLE, cfg.seed), seed=cfg.seed)
     module = task.make_module(built, cfg)
     loggers = trackers.make_loggers(cfg, run_dir, logger_names)
-    stats = _train(cfg, run_dir, module, built.data, resume, loggers)
+    if cfg.model.method == "none":  # nothing trains (checked: generation only): the backbone as shipped is validated
+        stats = {"trainable_params": count_parameters(built.network), "steps": 0, "train_time_s": 0.0}
+    else:
+        stats = _train(cfg, run_dir, module, built.data, resume, loggers)
     if stats is None:
         return FitResult(run_dir, {})
     metrics = {**validate(module, built.data.val_dataloader(), cfg), **stats}

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from moe_prefix.injection import enable_activation_checkpointing
 
-from . import assets, e2e_slots, rft, text_scores
+from . import assets, e2e_slots, few_shot, rft, text_scores
 from . import data as data_io
 from . import run_dir as rd
 from .datamodule import Encoded, TrainData, load_tokenizer, pad_batch, read_train_val, subsample
@@ -176,8 +176,14 @@ class GenerationData(TrainData):
         # Targets of one line: decoding ends at the first line break, for every model alike.
         self.single_line = not any("\n" in t for r in self.train_examples for t in r["targets"])
         self.train_set = self.encode_pairs(self.train_examples)
-        self.val_pairs = self.encode_pairs(self.val_examples)
-        self.val_prompts = self.encode_prompts(self.val_examples)
+        val_prompts = None
+        if d.few_shot:  # a run that trains nothing (checked): its validation prompts carry demonstrations
+            val_prompts, kept = few_shot.few_shot_prompts(
+                self.val_examples, self.train_examples, self.cfg, self.tokenizer
+            )
+            self.val_examples = [r | {"demonstrations": j} for r, j in zip(self.val_examples, kept, strict=True)]
+        self.val_pairs = self.encode_pairs(self.val_examples, val_prompts)
+        self.val_prompts = self.encode_prompts(self.val_examples, val_prompts)
         self.loaded = True
 
     # -- tokens -------------------------------------------------------------------------------------
@@ -186,13 +192,14 @@ class GenerationData(TrainData):
         prompts = [self.cfg.data.prompt_format.format(input=r.get("prompt", r["input"])) for r in records]
         return self.tokenizer(prompts)["input_ids"]
 
-    def encode_pairs(self, records) -> list[Encoded]:
-        """One example per (input, reference): prompt + target + eos; `router_len` marks the prompt."""
+    def encode_pairs(self, records, prompts: list[list[int]] | None = None) -> list[Encoded]:
+        """One example per (input, reference): prompt + target + eos; `router_len` marks the prompt.
+        prompts: the records' prompt ids when not their own prompts alone (few-shot)."""
         max_len = self.cfg.model.max_length
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise ConfigError("the backbone's tokenizer has no eos token; generation needs one to stop")
-        prompts = self._prompt_ids(records)
+        prompts = self._prompt_ids(records) if prompts is None else prompts
         flat = [(i, t) for i, r in enumerate(records) for t in r["targets"]]
         targets = self.tokenizer([t for _, t in flat], add_special_tokens=False)["input_ids"] if flat else []
         items, truncated = [], 0
@@ -210,9 +217,10 @@ class GenerationData(TrainData):
             )
         return items
 
-    def encode_prompts(self, records) -> list[Encoded]:
-        """One example per input: the prompt alone, cut as the training pairs cut it."""
+    def encode_prompts(self, records, prompts: list[list[int]] | None = None) -> list[Encoded]:
+        """One example per input: the prompt alone, cut as the training pairs cut it (prompts: as encode_pairs)."""
         max_len = self.cfg.model.max_length
+        prompts = self._prompt_ids(records) if prompts is None else prompts
         return [
             Encoded(
                 index=i,
@@ -220,7 +228,7 @@ class GenerationData(TrainData):
                 group=self.group_vocab.get(r.get("group"), -1),
                 router_len=len(ids[: max_len - 1]),
             )
-            for i, (r, ids) in enumerate(zip(records, self._prompt_ids(records), strict=True))
+            for i, (r, ids) in enumerate(zip(records, prompts, strict=True))
         ]
 
     # -- batches ------------------------------------------------------------------------------------
@@ -279,6 +287,7 @@ class GenerationData(TrainData):
             "sources": [records[x.index].get("group") for x in items],
             "inputs": [records[x.index]["input"] for x in items],
             "references": [records[x.index]["targets"] for x in items],
+            "demonstrations": [records[x.index].get("demonstrations") for x in items],  # few-shot: how many kept
         }
 
     def router_view(self, batch: dict) -> dict:
@@ -428,6 +437,8 @@ class GenerationModule(PrefixTrainingModule):
                 "source": batch["sources"][i],
                 "group": int(batch["group_ids"][i]) if batch["has_group"][i] else -1,
             }
+            if batch["demonstrations"][i] is not None:
+                row["demonstrations"] = batch["demonstrations"][i]
             self.rows.append(row | routing_row(routing, i))
 
     def on_validation_epoch_end(self):
@@ -442,6 +453,8 @@ class GenerationModule(PrefixTrainingModule):
             score_rows(self.rows)
             metrics |= corpus_metrics(self.rows)
             metrics["val/new_tokens"] = sum(r["new_tokens"] for r in self.rows) / len(self.rows)
+            if "demonstrations" in self.rows[0]:  # few-shot: demonstrations a prompt kept, on average
+                metrics["val/demonstrations"] = sum(r["demonstrations"] for r in self.rows) / len(self.rows)
         metrics |= routing_metrics(self.rows, self.num_experts)
         self.log_dict({k: float(v) for k, v in metrics.items()})
 
@@ -480,8 +493,7 @@ def build(cfg: RunConfig, prefix: bool = True) -> Built:
     backbone = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
-    # linear_probe leaves the backbone frozen and adds nothing: for a causal LM, the model as shipped.
-    model_cfg = cfg.model if prefix else dataclasses.replace(cfg.model, method="linear_probe")
+    model_cfg = cfg.model if prefix else dataclasses.replace(cfg.model, method="none")  # the model as shipped
     return Built(tokenizer, data, CausalLM(backbone, model_cfg, prefix_cfg))
 
 
@@ -494,19 +506,24 @@ def eval_loader(built: Built, data_file: str | None):
 
 
 def write_results(run_dir: Path, module: GenerationModule, built: Built, name: str | None) -> None:
-    """samples.jsonl and, after a fit, routing.csv: id, prompt tokens, mean reference loss, new tokens, routing."""
+    """samples.jsonl and, after a fit, routing.csv: id, prompt tokens, mean reference loss, new tokens, scores,
+    then (few-shot runs) the demonstrations each prompt kept, then the routing."""
     rd.write_samples(run_dir / rd.samples_file(name), module.rows, module.cfg.generation.num_samples_saved)
     if name is not None:
         return
     if module.rollouts:
         rd.write_jsonl(run_dir / rd.ROLLOUTS_FILE, [r for step in module.rollouts for r in step])
 
+    few = bool(module.rows) and "demonstrations" in module.rows[0]  # a few-shot run: demonstrations each prompt kept
+
     def number(row, key):
         return f"{row[key]:.4f}" if key in row else ""
 
     def cells(row):
         scores = [number(row, key) for key in EXAMPLE_SCORES]
-        return [row["id"], row.get("source") or "", row["input_len"], f"{row['loss']:.6f}", row["new_tokens"], *scores]
+        demos = [row["demonstrations"]] if few else []
+        loss = f"{row['loss']:.6f}"
+        return [row["id"], row.get("source") or "", row["input_len"], loss, row["new_tokens"], *scores, *demos]
 
-    columns = ["id", "group", "input_len", "loss", "new_tokens", *EXAMPLE_SCORES]
+    columns = ["id", "group", "input_len", "loss", "new_tokens", *EXAMPLE_SCORES, *(["demonstrations"] if few else [])]
     rd.write_per_example_table(run_dir / rd.ROUTING_FILE, module.rows, module.num_experts, columns, cells)

@@ -20,7 +20,7 @@ from typing import Any
 from moe_prefix.config import PrefixConfig
 
 TASKS = ("classification", "generation")
-METHODS = ("prefix", "linear_probe", "prompt", "lora", "full")
+METHODS = ("prefix", "linear_probe", "prompt", "lora", "full", "none")
 POOLINGS = ("mean", "cls", "last")
 SCHEDULES = ("onecycle", "cosine", "constant")
 OBJECTIVES = ("sft", "rft", "prefix_rft")
@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "minilm"  # alias (minilm, smollm2-135m), hub id or local folder
     task: str = "classification"  # classification: pooled hidden state -> linear head; generation: causal LM
-    method: str = "prefix"  # prefix (the mixture), or a baseline: linear_probe, prompt, lora, full
+    method: str = "prefix"  # prefix (the mixture), or a baseline: linear_probe, prompt, lora, full; none (generation):
+    # the backbone as shipped, nothing trained: the run validates it once (zero-shot, or few-shot with data.few_shot)
     pooling: str = "mean"  # classification head input: mean of real tokens, first token (cls) or last token
     max_length: int = 64  # tokens per input; longer texts are truncated (with one warning)
     prompt_len: int = 16  # soft-prompt length (method=prompt)
@@ -68,6 +69,8 @@ class DataConfig:
     max_train_examples: int | None = None  # a seeded subsample, for quick runs
     max_val_examples: int | None = None
     prompt_format: str = "{input}\n"  # generation: text the target follows
+    few_shot: int = 0  # generation with model.method=none: k demonstrations (a training input's prompt and its first
+    # reference) drawn with split_seed from the training inputs of the same source, before every validation prompt
     num_workers: int = 0
     drop_empty_texts: bool = False  # drop rows whose text (generation: input) is empty; a warning counts them anyway
 
@@ -77,6 +80,8 @@ class DataConfig:
         for key in ("batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.few_shot < 0:
+            raise ConfigError(f"data.few_shot must be >= 0 (demonstrations per prompt), got {self.few_shot}")
 
 
 @dataclass
@@ -343,10 +348,39 @@ def _check_cross(cfg: RunConfig) -> None:
     # generation reads the group from the built-in GEM records themselves (checked when the data loads)
     if cfg.prefix.router_input == "group" and cfg.data.group_column is None and cfg.model.task != "generation":
         raise ConfigError("prefix.router_input=group needs data.group_column (the column holding group ids)")
+    _check_untrained(cfg)
     if cfg.model.method == "prefix" and cfg.prefix.expert_init == "upcycle" and not cfg.model.init_from:
         raise ConfigError(
             "prefix.expert_init=upcycle copies a trained one-expert prefix into every expert: set model.init_from "
             "to that run's directory (in a sweep: model.init_from=@arm)"
+        )
+
+
+def _check_untrained(cfg: RunConfig) -> None:
+    """model.method=none (nothing trains) and data.few_shot (demonstrations in the prompt, for such runs only)."""
+    method, k = cfg.model.method, cfg.data.few_shot
+    if method == "none":
+        if cfg.model.task != "generation":
+            raise ConfigError(
+                "model.method=none trains nothing, so a classification head would stay random; it needs "
+                "model.task=generation (classification: model.method=linear_probe trains the head alone)"
+            )
+        if cfg.optim.objective != "sft":
+            raise ConfigError(
+                f"model.method=none trains nothing; optim.objective={cfg.optim.objective} needs a method that trains"
+            )
+        if cfg.model.init_from:
+            raise ConfigError("model.method=none evaluates the backbone as shipped; drop model.init_from")
+    if k and (cfg.model.task != "generation" or method != "none"):
+        raise ConfigError(
+            f"data.few_shot={k} puts demonstrations before generation prompts of runs that train nothing: set "
+            f"model.task=generation and model.method=none (got task={cfg.model.task}, method={method}); a trained "
+            "method would meet the demonstrations at validation only"
+        )
+    if k and cfg.model.max_length <= cfg.generation.max_new_tokens:
+        raise ConfigError(
+            f"data.few_shot: model.max_length={cfg.model.max_length} leaves no room for demonstrations beside "
+            f"generation.max_new_tokens={cfg.generation.max_new_tokens}; raise model.max_length"
         )
 
 
