@@ -530,3 +530,34 @@ def test_committed_studies_still_resolve_to_the_configs_they_ran(study):
         assert not differ and ran["seed"] == run.seed, f"{run.arm} seed {run.seed}: {differ}"
         checked += 1
     assert checked
+
+
+def test_compare_puts_the_tested_arms_of_several_sweeps_in_one_table(tmp_path, capsys):
+    """`moe-prefix compare`: each study's tested arms with the summary's own Δ, interval and Holm p (times 100),
+    and the most dead experts any seed of the arm ended with; the reference and untested arms have no row."""
+    from moe_prefix.tools.cli import main as cli_main
+
+    dead = {("mix", 2): 1.0}
+    for study, gain in (("one", 0.02), ("two", -0.01)):
+        sweep = Sweep(None, {"ref": [], "mix": [], "src": []}, seeds=[0, 1, 2, 3], reference="ref")
+        sweep.also, sweep.untested = ["val/dead_experts"], ["src"]
+        for run in plan(sweep, tmp_path / study):
+            acc = 0.8 + 0.01 * run.seed + (gain + 0.002 * run.seed if run.arm == "mix" else 0.0)
+            metrics = {"val/acc": acc, "trainable_params": 1, "val/dead_experts": dead.get((run.arm, run.seed), 0.0)}
+            run.run_dir.mkdir(parents=True)
+            (run.run_dir / rd.METRICS_FILE).write_text(json.dumps(metrics))
+        summarise(sweep, tmp_path / study)
+    assert cli_main(["compare", str(tmp_path / "one"), str(tmp_path / "two")]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [("one", "mix"), ("two", "mix")]
+    for row, study in zip(rows, ("one", "two"), strict=True):
+        with open(tmp_path / study / "summary.csv", newline="") as f:
+            mix = next(r for r in csv.DictReader(f) if r["arm"] == "mix" and r["metric"] == "val/acc")
+        low, high = (100 * float(mix[k]) for k in ("diff_ci_low", "diff_ci_high"))
+        assert row[4] == f"{100 * float(mix['diff']):+.2f} [{low:+.2f}, {high:+.2f}] vs ref"
+        assert row[5] == f"{float(mix['p_holm']):.3f}"
+    assert rows[0][4].startswith("+2.30") and rows[1][4].startswith("-0.70")
+    assert rows[0][-1].strip("| ") == "1" and rows[1][-1].strip("| ") == "1"
+
+    assert cli_main(["compare", str(tmp_path)]) == 2
+    assert "has no summary.csv" in capsys.readouterr().err

@@ -4,6 +4,7 @@ level and example level, Holm-corrected), summary.png, and for curve sweeps the 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -397,3 +398,50 @@ def _curve_contrasts(
         "Holm-corrected across every row of this table.",
     ]
     (out_dir / "curve_contrasts.md").write_text("\n".join(lines) + "\n")
+
+
+def compare_studies(folders: list[Path], metric: str | None = None, scale: float = 100.0) -> str:
+    """One Markdown table of the tested arms of several summarised sweeps, read from their summary.csv,
+    summary.md and runs.csv: per study and arm, the seeds, the mean, Δ against the study's reference with its
+    95 % interval (both times `scale`, e.g. accuracy points), the Holm-corrected seed- and example-level p, and
+    the most dead experts any seed ended with (where runs.csv has val/dead_experts).
+
+    metric: a metric of the summaries (default: each sweep's main metric, the first in its summary.csv).
+    """
+    lines = [
+        f"| study | arm | seeds | mean (×{scale:g}) | Δ vs reference [95 % CI] | p (Holm) | p (McNemar, Holm) "
+        "| dead experts (max over seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for folder in map(Path, folders):
+        summary_csv, summary_md = folder / "summary.csv", folder / "summary.md"
+        if not summary_csv.is_file() or not summary_md.is_file():
+            raise ConfigError(f"{folder} has no summary.csv and summary.md: summarise it first (moe-prefix ablate)")
+        with open(summary_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        name = metric or rows[0]["metric"]
+        rows = [r for r in rows if r["metric"] == name]
+        if not rows:
+            raise ConfigError(f"{summary_csv} has no rows of metric {name}")
+        reference = re.search(r"Reference arm: (\S+?)\.", summary_md.read_text())
+        dead: dict[str, float] = {}
+        runs_csv = folder / "runs.csv"
+        if runs_csv.is_file():
+            with open(runs_csv, newline="") as f:
+                for run in csv.DictReader(f):
+                    value = run.get("val/dead_experts")
+                    if value not in (None, "", "nan"):
+                        dead[run["arm"]] = max(dead.get(run["arm"], 0.0), float(value))
+        for r in rows:
+            if r["diff"] in ("", "nan"):
+                continue  # the reference, an untested arm, or too few seeds
+            f = {k: float(r[k]) if r.get(k) not in (None, "") else np.nan for k in r if k not in ("arm", "metric")}
+            low, high = f.get("diff_ci_low", np.nan), f.get("diff_ci_high", np.nan)  # older summaries lack them
+            interval = f"[{_fmt(scale * low, '+.2f')}, {_fmt(scale * high, '+.2f')}]"
+            lines.append(
+                f"| {folder.name} | {r['arm']} | {int(f['n'])} | {_fmt(scale * f['mean'], '.2f')} "
+                f"| {_fmt(scale * f['diff'], '+.2f')} {interval} vs {reference.group(1) if reference else '?'} "
+                f"| {_fmt(f['p_holm'], '.3f')} | {_fmt(f['p_example_holm'], '.2g')} "
+                f"| {_fmt(dead.get(r['arm'], np.nan), '.0f')} |"
+            )
+    return "\n".join(lines) + "\n"

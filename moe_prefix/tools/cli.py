@@ -152,6 +152,13 @@ def ablate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    from moe_prefix.tools.ablate_summary import compare_studies
+
+    print(compare_studies(args.sweeps, metric=args.metric, scale=args.scale), end="")
+    return 0
+
+
 def _offline_unless_asked() -> None:
     """HF_HUB_OFFLINE=1 unless the caller set it: the benchmark times local models, never a hub request."""
     if "HF_HUB_OFFLINE" in os.environ:
@@ -284,6 +291,13 @@ def _ablate_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=lambda a: run_cli(ablate_command, a))
 
 
+def _compare_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR", help="summarised sweep folders (summary.csv, runs.csv)")
+    p.add_argument("--metric", help="a metric of the summaries (default: each sweep's main metric)")
+    p.add_argument("--scale", type=float, default=100.0, help="multiply means and differences (default 100: points)")
+    p.set_defaults(run=lambda a: run_cli(compare_command, a))
+
+
 def _bench_parser(p: argparse.ArgumentParser) -> None:
     # Defaults of None fall back to BenchConfig's, which bench_command imports (torch) only when it runs.
     p.add_argument("--json", metavar="PATH", help="write every figure and ratio as JSON here")
@@ -335,6 +349,7 @@ COMMANDS = {
         "before training: which router input (embeddings, hidden after layer l) lets k-means find the groups",
     ),
     "ablate": (_ablate_parser, "run an ablation sweep (arms x seeds) and summarise it; restarts where it stopped"),
+    "compare": (_compare_parser, "one table of the tested arms of several summarised sweeps, Δ with its interval"),
     "bench": (_bench_parser, "benchmark prefix methods: ms/step, tokens/s, peak memory (docs/benchmarks.md)"),
     "prefetch": (_prefetch_parser, "fetch the pinned offline assets into the cache (then copy it elsewhere)"),
 }
