@@ -10,21 +10,19 @@ from pathlib import Path
 import pytest
 
 from moe_prefix.train import assets
+from moe_prefix.train.builtin_sources import VADER_FILES
 from moe_prefix.train.data import (
-    VADER_FILES,
-    DataError,
-    TextExample,
     build_label_vocab,
     check_classes,
     check_labels,
-    hub_candidates,
     load_e2e,
     load_examples,
     load_generation_records,
-    source_splits,
     split_by_input,
     train_val_split,
 )
+from moe_prefix.train.hf_sources import hub_candidates, source_splits
+from moe_prefix.train.records import DataError, TextExample
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -101,8 +101,8 @@ def test_split_is_by_input_and_pairs_cover_every_reference(built):
 
 
 def test_jsonl_rows_group_by_input_and_a_missing_column_is_named(descriptions, tmp_path):
-    from moe_prefix.train.data import DataError
     from moe_prefix.train.data import load_generation_records as load_records
+    from moe_prefix.train.records import DataError
 
     records = load_records(str(descriptions), "mr", "ref")
     assert len(records) == 24 and len({r["input"] for r in records}) == 24

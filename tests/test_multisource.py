@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from moe_prefix.train import assets, data
-from moe_prefix.train.data import (
+from moe_prefix.train import assets, builtin_sources
+from moe_prefix.train.builtin_sources import (
     MULTISOURCE_SHARED_POSITIVE,
     MULTISOURCE_SOURCES,
     VADER_FILES,
-    DataError,
-    load_examples,
     multisource_pools,
     read_intents,
     read_sms_spam,
     read_trec_questions,
 )
+from moe_prefix.train.data import load_examples
+from moe_prefix.train.records import DataError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -114,7 +114,7 @@ def fake_parts(tmp_path, monkeypatch) -> Path:
     """A cache holding the three parts, 3 rows per source drawn from 4-5 distinct texts each."""
     cache = tmp_path / "cache"
     monkeypatch.setenv(assets.CACHE_ENV, str(cache))
-    monkeypatch.setattr(data, "MULTISOURCE_PER_SOURCE", 3)
+    monkeypatch.setattr(builtin_sources, "MULTISOURCE_PER_SOURCE", 3)
     vader = cache / "vader_domains"
     vader.mkdir(parents=True)
     for domain, name in VADER_FILES.items():
@@ -174,7 +174,7 @@ def test_subsample_follows_the_seed(fake_parts):
 
 
 def test_too_small_a_source_is_an_error(fake_parts, monkeypatch):
-    monkeypatch.setattr(data, "MULTISOURCE_PER_SOURCE", 5)
+    monkeypatch.setattr(builtin_sources, "MULTISOURCE_PER_SOURCE", 5)
     with pytest.raises(DataError, match=r"multisource4: source 'sentiment' has 3 distinct examples, fewer than"):
         load_examples("multisource4")
 
@@ -212,7 +212,7 @@ def test_real_sources_have_the_documented_sizes():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_real_variants_are_balanced_with_the_documented_labels(name):
     examples = load_examples(name, group_column="group", seed=0)
-    assert len(examples) == 4 * data.MULTISOURCE_PER_SOURCE == 2_400
+    assert len(examples) == 4 * builtin_sources.MULTISOURCE_PER_SOURCE == 2_400
     assert Counter(ex.group for ex in examples) == {source: 600 for source in MULTISOURCE_SOURCES}
     assert len({ex.id for ex in examples}) == 2_400
     labels = {ex.label for ex in examples}

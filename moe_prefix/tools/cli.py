@@ -22,9 +22,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input or by the run's surroundings (a full disk, a lost process): one line."""
     from moe_prefix.train.assets import AssetError
     from moe_prefix.train.checkpointing import CheckpointError
-    from moe_prefix.train.data import DataError
     from moe_prefix.train.engine import RunStoppedError
     from moe_prefix.train.module import NonFiniteLossError
+    from moe_prefix.train.records import DataError
 
     errors = (ConfigError, DataError, AssetError, CheckpointError, NonFiniteLossError, RunStoppedError)
     return (*errors, FileNotFoundError)

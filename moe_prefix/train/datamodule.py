@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import data as data_io
+from .hf_sources import source_splits
 from .run_config import DataConfig, RunConfig
 
 
@@ -167,7 +168,7 @@ def read_train_val(d: DataConfig, read: Callable[[str, str | None], list], split
     """
     if d.val_source:
         return read(d.source, d.train_split), read(d.val_source, d.val_split)
-    if d.val_split is not None and d.val_split in data_io.source_splits(d.source):
+    if d.val_split is not None and d.val_split in source_splits(d.source):
         return read(d.source, d.train_split), read(d.source, d.val_split)
     return split(read(d.source, d.train_split), d.val_fraction, d.split_seed)
 

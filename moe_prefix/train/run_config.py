@@ -389,7 +389,8 @@ def check_sources(cfg: RunConfig) -> None:
     import os
 
     from .assets import DATA_ALIASES, MODEL_ALIASES
-    from .data import DataError, hub_candidates, is_hub_id
+    from .hf_sources import hub_candidates, is_hub_id
+    from .records import DataError
 
     backbone = cfg.model.backbone
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
