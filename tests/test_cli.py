@@ -467,3 +467,29 @@ def test_full_disk_stops_in_one_line_and_resume_ends_like_an_undisturbed_run(
     for key in ("val/acc", "val/loss", "val/f1"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert got["steps"] == want["steps"] == 12
+
+
+def test_the_model_summary_takes_what_the_installed_lightning_passes():
+    """_ModelSummary overrides Lightning's summarize(), whose arguments changed between releases (total_flops came in
+    2.5); a one-step fit with the installed Lightning calls it as a run does (the slow test above is not run on the
+    lowest versions)."""
+    import lightning as L
+    import torch
+
+    from moe_prefix.train.engine import _ModelSummary
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 2)), batch_size=2)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[_ModelSummary()], accelerator="cpu")  # fmt: skip
+    trainer.fit(Tiny(), data)

@@ -181,7 +181,8 @@ def load_run(run_dir: str | Path, cfg: RunConfig | None = None, prefix: bool = T
     if not prefix and not task.HAS_ZERO_SHOT:
         raise ConfigError(f"--no-prefix applies to generation runs only; {run_dir} is a {cfg.model.task} run")
     built = task.build(cfg, prefix=prefix)
-    if prefix:
+    if prefix and cfg.model.method != "none":  # a run that trained nothing left an empty adapter (and
+        # safetensors before 0.5 cannot read a file without tensors)
         rd.load_weights(run_dir, built.network, cfg)
     return cfg, built
 
@@ -305,8 +306,8 @@ class _ModelSummary(ModelSummary):
 
     @staticmethod
     def summarize(
-        summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, **kwargs
-    ) -> None:
+        summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops=0, **kwargs
+    ) -> None:  # Lightning before 2.5 passes no total_flops (and has no FLOPs column)
         columns = [(name, [str(v) for v in values]) for name, values in summary_data if name != "FLOPs"]
         widths = [max([len(name), *map(len, values)]) for name, values in columns]
         lines = [" | ".join(name.ljust(w) for (name, _), w in zip(columns, widths, strict=True))]
