@@ -509,7 +509,7 @@ def test_committed_studies_still_resolve_to_the_configs_they_ran(study):
     """Library defaults move (issue 24 made the router recipe the default); a sweep file pins what its committed
     runs had, so running it again reproduces them. Paths and the run's own name may differ; seeds are checked."""
     sweep = load_sweep(ROOT / "configs" / "ablations" / f"{study.name}.yaml")
-    own = ("run_dir", "name", "model.init_from", "seed")
+    own = ("run_dir", "name", "model.init_from", "seed", "tracking.tags.seed")
     resolved: dict[str, dict] = {}  # one config per arm: the seeds' configs differ only in what `own` names
     checked = 0
     for run in plan(sweep, study):
