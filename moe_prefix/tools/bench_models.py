@@ -131,6 +131,17 @@ def try_peft(model: nn.Module, task_type: str, P: int, probe: Callable[[nn.Modul
         return None, f"{type(err).__name__}: {err}"
 
 
+def frozen_forward_arm(backbone: nn.Module, tokens: int, **inputs) -> Arm:
+    """The frozen model's no-grad forward on `inputs`: the cost every prefix method adds to."""
+
+    def frozen_forward():
+        backbone.eval()
+        with torch.no_grad():
+            backbone(**inputs)
+
+    return Arm("frozen_forward", frozen_forward, tokens)
+
+
 def peft_prefix_arm(
     model: nn.Module,
     task_type: str,

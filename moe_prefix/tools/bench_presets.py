@@ -17,6 +17,7 @@ from moe_prefix.mixture import attach
 from moe_prefix.tools.bench_models import (
     Group,
     count_params,
+    frozen_forward_arm,
     load_decoder,
     load_encoder,
     load_seq2seq,
@@ -106,12 +107,7 @@ def preset_group(spec: PresetGroup, cfg: BenchConfig) -> Group:
         routing = getattr(out, "routing", None)
         return loss if routing is None else loss + routing.aux_loss
 
-    def frozen_forward():
-        backbone.eval()
-        with torch.no_grad():
-            backbone(input_ids=ids, attention_mask=mask)
-
-    arms.append(Arm("frozen_forward", frozen_forward, tokens))
+    arms.append(frozen_forward_arm(backbone, tokens, input_ids=ids, attention_mask=mask))
 
     def floor_arm(dropout: bool):
         head = copy.deepcopy(head0)
@@ -182,12 +178,7 @@ def seq2seq_group(spec: PresetGroup, cfg: BenchConfig) -> Group:
     arms: list[Arm] = []
     notes: dict = {"batch": list(ids.shape), "targets": list(labels.shape), "model": spec.model}
 
-    def frozen_forward():
-        backbone.eval()
-        with torch.no_grad():
-            backbone(input_ids=ids, attention_mask=mask, labels=labels)
-
-    arms.append(Arm("frozen_forward", frozen_forward, tokens))
+    arms.append(frozen_forward_arm(backbone, tokens, input_ids=ids, attention_mask=mask, labels=labels))
     arm, err = peft_prefix_arm(
         peft_copy,
         "SEQ_2_SEQ_LM",

@@ -24,6 +24,7 @@ from moe_prefix.mixture import PrefixMixture, attach
 from moe_prefix.tools.bench_models import (
     Group,
     count_params,
+    frozen_forward_arm,
     load_decoder,
     load_encoder,
     make_batch,
@@ -153,12 +154,7 @@ def encoder_group(cfg: BenchConfig) -> Group:
 
     # Prefix arms share this backbone; called without a prefix state, moe_prefix's attention function hands
     # straight to sdpa, so the frozen forward and the floor run the same kernels as the prefix arms.
-    def frozen_forward():
-        backbone.eval()
-        with torch.no_grad():
-            backbone(input_ids=ids, attention_mask=mask)
-
-    arms.append(Arm("frozen_forward", frozen_forward, tokens))
+    arms.append(frozen_forward_arm(backbone, tokens, input_ids=ids, attention_mask=mask))
 
     def floor_arm(dropout: bool):
         """Forward + backward to inputs_embeds through the frozen model, with or without its dropout."""
@@ -289,12 +285,7 @@ def decoder_group(cfg: BenchConfig) -> Group:
     arms: list[Arm] = []
     notes: dict = {"batch": list(ids.shape)}
 
-    def frozen_forward():
-        backbone.eval()
-        with torch.no_grad():
-            backbone(input_ids=ids, attention_mask=mask)
-
-    arms.append(Arm("frozen_forward", frozen_forward, tokens))
+    arms.append(frozen_forward_arm(backbone, tokens, input_ids=ids, attention_mask=mask))
 
     def floor():
         backbone.train()
