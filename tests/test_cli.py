@@ -49,6 +49,12 @@ def test_config_errors(argv, message, capsys):
     assert_clean_failure(*run_fit(argv, capsys), message)
 
 
+def test_bench_overrides_without_a_generation_config_are_refused(capsys):
+    code = main(["bench", "data.batch_size=4"])
+    captured = capsys.readouterr()
+    assert_clean_failure(code, captured.out + captured.err, "config overrides (data.batch_size=4) apply with --gem4")
+
+
 def test_config_error_from_a_real_process():
     """The same standard when run as a program (what a user sees in the terminal)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

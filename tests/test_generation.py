@@ -147,6 +147,70 @@ def test_loss_is_the_mean_over_target_tokens_of_each_example_alone(built):
     assert torch.allclose(losses, torch.cat(expected), atol=1e-5)
 
 
+def test_training_loss_from_scored_logits_equals_the_backbones_own_loss(built):
+    """The module maps only scored positions to the vocabulary; transformers' own loss (every position's
+    logits, its own shift) must give the same mean and the same prefix gradients."""
+    cfg, tokenizer, data, network = built
+    module = GenerationModule(network, cfg, tokenizer)
+    batch = data.collate(data.train_set[:8])
+    losses, _ = module.model_step(batch)
+    (mine,) = torch.autograd.grad(losses.mean(), network.mixture.bank.parameters().__next__())
+    _, state = network.mixture.prepare(batch["router_input_ids"], batch["router_attention_mask"])
+    state.query_mask = batch["attention_mask"]
+    ref = network.mixture.run_backbone(
+        state, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
+    (theirs,) = torch.autograd.grad(ref, network.mixture.bank.parameters().__next__())
+    assert losses.mean().item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(mine, theirs, atol=1e-6, rtol=1e-4)
+
+
+def test_logits_at_equals_the_full_output_on_gemma3_with_soft_capping():
+    """Gemma 3 soft-caps its logits after the output layer; with logits_at the capped values at the chosen
+    positions must equal the full output's, for the mixture, LoRA and full fine-tuning."""
+    from test_injection import tiny_gemma3
+
+    from moe_prefix.config import PrefixConfig
+    from moe_prefix.train.networks import CausalLM
+    from moe_prefix.train.run_config import ModelConfig
+
+    ids = torch.randint(3, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 8:] = 0
+    wanted = torch.zeros_like(ids, dtype=torch.bool)
+    wanted[0, 3:5] = wanted[1, 2:8] = wanted[2, 5:7] = True
+    prefix = PrefixConfig(num_experts=2, prefix_len=3, top_k=1, router_init="random", init_std=0.5)
+    for method in ("prefix", "lora", "full"):
+        backbone = tiny_gemma3()
+        backbone.config.final_logit_softcapping = 2.0  # tight, so that capping shows in every logit
+        network = CausalLM(backbone, ModelConfig(task="generation", method=method, lora_rank=2), prefix).eval()
+        routed = {"router_input_ids": ids, "router_attention_mask": mask}
+        with torch.no_grad():
+            full = network(ids, mask, **routed).logits
+            kept = network(ids, mask, logits_at=wanted, **routed).logits
+        assert full.abs().max() < 2.0 and kept.shape == (int(wanted.sum()), 97), method
+        assert torch.allclose(kept, full[wanted], atol=1e-6), method
+
+
+def test_validation_runs_longest_first_and_rows_come_back_in_split_order(built):
+    cfg, tokenizer, data, network = built
+    pairs, prompts = data.val_dataloader()
+    for loader, items in ((pairs, data.val_pairs), (prompts, data.val_prompts)):
+        batches = list(loader)
+        widths = [b["input_ids"].shape[1] for b in batches]
+        assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
+        assert sorted(i for b in batches for i in b["index"].tolist()) == sorted(x.index for x in items)
+    module = GenerationModule(network, cfg, tokenizer)
+    module.log_dict = lambda *args, **kwargs: None  # no trainer to log to
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        for batch in prompts:
+            module.validation_step(batch, 0, dataloader_idx=1)
+    module.on_validation_epoch_end()
+    assert [row["index"] for row in module.rows] == list(range(len(data.val_examples)))
+
+
 def _greedy_alone(network, prompt: list[int], max_new: int) -> list[int]:
     """Step-by-step greedy decoding without a cache, prefix routed from the prompt."""
     seq = torch.tensor([prompt])
@@ -285,3 +349,16 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_lm_dir, 
     assert steps_run == [2, 3, 4, 5, 6]
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_generation_benchmark_times_both_ways_of_each_part(tiny_lm_dir, descriptions, tmp_path):
+    from moe_prefix.tools.bench_generation import PAIRS, format_gem4, run_gem4
+
+    results = run_gem4(None, overrides(tiny_lm_dir, descriptions, tmp_path), steps=2, val_inputs=6, reps=2, val_reps=1)
+    arms = results["arms"]
+    assert set(arms) == {name for pair in PAIRS.values() for name in pair}
+    assert all(f["s"] > 0 for f in arms.values()) and all(r > 0 for r in results["ratios"].values())
+    # longest first pads less (never more) than split order, over the same examples
+    for part in ("loss_pass", "decoding"):
+        assert arms[f"{part}_longest_first"]["padded_tokens"] <= arms[f"{part}_split_order"]["padded_tokens"]
+    assert "step: scored logits / every position" in format_gem4(results)

@@ -172,6 +172,10 @@ def _offline_unless_asked() -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     _offline_unless_asked()
+    if args.gem4:
+        return _bench_generation(args)
+    if args.overrides:
+        raise ConfigError(f"config overrides ({' '.join(args.overrides)}) apply with --gem4 CONFIG only")
     from moe_prefix.tools.bench_presets import PRESET_SETTINGS, run_preset
     from moe_prefix.tools.benchmark import BenchConfig, format_markdown, format_report, run
 
@@ -204,6 +208,28 @@ def bench_command(args: argparse.Namespace) -> int:
         with open(args.markdown, "w") as f:
             f.write(format_markdown(results) + "\n")
         log(f"wrote {args.markdown}")
+    return 0
+
+
+def _bench_generation(args: argparse.Namespace) -> int:
+    """bench --gem4 CONFIG: the parts of a generation run, each two ways (moe_prefix/tools/bench_generation.py)."""
+    from moe_prefix.tools.bench_generation import format_gem4, run_gem4
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    reps = {"reps": 1, "val_reps": 1, "steps": 1, "val_inputs": 4} if args.quick else {}
+    if args.reps:
+        reps["reps"] = args.reps
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    results = run_gem4(args.gem4, args.overrides, log=log, **reps)
+    results["command"] = args.command_line
+    print(format_gem4(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        log(f"wrote {args.json}")
     return 0
 
 
@@ -310,6 +336,13 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
         "seq2seq: BART-base from its config beside PEFT (PEFT's site and all three sites)",
     )
     p.add_argument("--smollm", action="store_true", help="decoder: smollm2-135m instead of the wide tiny Llama")
+    p.add_argument(
+        "--gem4",
+        metavar="CONFIG",
+        help="instead: a generation config's training step (logits everywhere vs at scored positions) and "
+        "validation (split order vs longest first), e.g. configs/gem4_gemma3.yaml; --reps, --quick, --json apply",
+    )
+    p.add_argument("overrides", nargs="*", help="with --gem4: config overrides, key=value")
     p.add_argument("--encoder", help="asset alias or local folder (default: minilm)")
     p.add_argument("--decoder", help="wide-llama (default), tiny-llama, an alias or a folder")
     p.add_argument("--reps", type=int, help="timed repetitions per arm (default 7)")

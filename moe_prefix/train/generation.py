@@ -297,23 +297,22 @@ class GenerationData(TrainData):
         return self.eval_loader(prompts, collate=lambda items: self.collate_prompts(items, records))
 
     def val_dataloader(self):
-        """Two loaders: dataloader_idx 0 holds the reference pairs (loss), 1 the prompts (decoding)."""
-        return [self.eval_loader(self.val_pairs), self.generation_loader(self.val_prompts, self.val_examples)]
+        """Two loaders: dataloader_idx 0 holds the reference pairs (loss), 1 the prompts (decoding).
+
+        Both go longest first: a batch pads to its longest sequence, and gem4's sources differ in length 5-fold
+        (CommonGen's prompts ~22 tokens, dialogue ones up to 198), so batches of like length pad little. An
+        example's loss and greedy decoding do not depend on its batch; the module puts rows back in split order.
+        """
+        pairs, prompts = longest_first(self.val_pairs), longest_first(self.val_prompts)
+        return [self.eval_loader(pairs), self.generation_loader(prompts, self.val_examples)]
+
+
+def longest_first(items: list[Encoded]) -> list[Encoded]:
+    """Encoded examples by length, longest first (a stable sort: ties keep split order)."""
+    return sorted(items, key=lambda x: -len(x.input_ids))
 
 
 # -- the Lightning module ---------------------------------------------------------------------------
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy: logits (b t v), labels (b t) -> losses (b t-1), mask of scored tokens.
-
-    shift=False (encoder-decoder): the decoder's logits at t already predict labels at t -> losses (b t).
-    """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    logits = logits.float()
-    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return losses, labels != -100
 
 
 class GenerationModule(PrefixTrainingModule):
@@ -330,18 +329,23 @@ class GenerationModule(PrefixTrainingModule):
         self.oracle = cfg.prefix.router_input == "group"  # routed by the source: the batch's group_ids
 
     def forward_pairs(self, batch):
-        """Losses (b t-1) and scored-token mask of a pair batch, and the network output."""
-        # an encoder-decoder backbone makes its decoder inputs from the labels (shifted right after a start token)
-        labels = {"labels": batch["labels"]} if self.network.seq2seq else {}
-        out = self.network(
-            batch["input_ids"],
-            batch["attention_mask"],
-            router_input_ids=batch["router_input_ids"],
-            router_attention_mask=batch["router_attention_mask"],
-            group_ids=batch["group_ids"] if self.oracle else None,
-            **labels,
-        )
-        losses, scored = token_losses(out.logits, batch["labels"], shift=not self.network.seq2seq)
+        """Losses (b t-1) and scored-token mask of a pair batch (encoder-decoder: (b t') over the decoder's
+        labels), and the network output (decoder-only: logits at the scored positions only, (n vocab))."""
+        labels = batch["labels"]
+        routed = {
+            "router_input_ids": batch["router_input_ids"],
+            "router_attention_mask": batch["router_attention_mask"],
+            "group_ids": batch["group_ids"] if self.oracle else None,
+        }
+        if self.network.seq2seq:
+            # the backbone makes its decoder inputs from the labels (shifted right after a start token)
+            out = self.network(batch["input_ids"], batch["attention_mask"], labels=labels, **routed)
+            losses = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            return losses, labels != -100, out
+        scored = labels[:, 1:] != -100  # the logits at t predict the token at t + 1
+        out = self.network(batch["input_ids"], batch["attention_mask"], logits_at=F.pad(scored, (0, 1)), **routed)
+        losses = torch.zeros(scored.shape, device=labels.device)
+        losses[scored] = F.cross_entropy(out.logits.float(), labels[:, 1:][scored], reduction="none")
         return losses, scored, out
 
     def model_step(self, batch):
@@ -446,6 +450,7 @@ class GenerationModule(PrefixTrainingModule):
         if self.val_loss.update_count:
             metrics["val/loss"] = self.val_loss.compute()
         self.val_loss.reset()
+        self.rows.sort(key=lambda row: row["index"])  # split order: the loaders ran longest first
         for row in self.rows:
             losses = self.input_losses.get(row["index"])
             row["loss"] = sum(losses) / len(losses) if losses else float("nan")

@@ -9,6 +9,7 @@ Axes: b - batch, t - tokens, m - model width, n - soft-prompt positions.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from .run_config import ModelConfig
 
 
 class TaskOutput(NamedTuple):
-    logits: Tensor  # (b classes) for classification, (b t vocab) for generation
+    logits: Tensor  # (b classes) for classification, (b t vocab) for generation, (n vocab) with `logits_at`
     routing: MixtureRouting | None  # None for baselines without a router
     loss: Tensor | None = None  # the backbone's own loss (generation)
 
@@ -104,6 +105,26 @@ class SequenceClassifier(nn.Module):
         return TaskOutput(self.head(pooled), routing)
 
 
+@contextlib.contextmanager
+def output_layer_at(output_layer: nn.Module, positions: Tensor | None):
+    """Within the block, `output_layer` maps only the hidden states at `positions` (b t, bool) to the vocabulary:
+    its (b t m) input becomes (1 n m), so the model returns (1 n vocab) logits, in row-major order of `positions`.
+
+    Why: training scores the target tokens only, about a third of a prompt + target pair on gem4, yet a causal
+    LM's output layer maps every position (Gemma 3: 262,144 words x 640, more multiply-adds per token than its
+    18 layers together). Gathering the layer's input, not its output, skips that work; what a model does after
+    the layer (Gemma's logit soft-capping) is elementwise and still applies to the kept positions.
+    """
+    if positions is None:
+        yield
+        return
+    handle = output_layer.register_forward_pre_hook(lambda _module, args: (args[0][positions][None], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class CausalLM(nn.Module):
     """A causal LM adapted by one method; the loss covers target tokens only (labels -100 elsewhere).
 
@@ -117,6 +138,8 @@ class CausalLM(nn.Module):
         self.seq2seq = bool(getattr(backbone.config, "is_encoder_decoder", False))
         if self.method == "prompt":
             raise ValueError("model.method=prompt is not supported for generation; use prefix, lora or full")
+        # a plain tuple: the layer is already a submodule of the backbone and must not be registered twice
+        self._output_layer = (backbone.get_output_embeddings(),)
         self.body = _adapt(backbone, model_cfg, prefix_cfg)
 
     @property
@@ -124,26 +147,46 @@ class CausalLM(nn.Module):
         return self.body if self.method == "prefix" else None
 
     def forward(
-        self, input_ids, attention_mask, labels=None, router_input_ids=None, router_attention_mask=None, group_ids=None
+        self,
+        input_ids,
+        attention_mask,
+        labels=None,
+        router_input_ids=None,
+        router_attention_mask=None,
+        group_ids=None,
+        logits_at=None,
     ):
-        """router_* carry the prompt alone, so the router never sees the target; group_ids: oracle routing."""
+        """router_* carry the prompt alone, so the router never sees the target; group_ids: oracle routing.
+
+        logits_at (b t, bool; decoder-only models): compute logits at these positions only, returned as (n vocab).
+        """
+        if logits_at is not None and self.seq2seq:
+            raise ValueError("logits_at applies to decoder-only models: a decoder's labels hold the target alone")
+        at = output_layer_at(self._output_layer[0], logits_at)
         if self.method == "prefix":
             routing, state = self.body.prepare(router_input_ids, router_attention_mask, group_ids)
             # The router read the prompt; attention's queries are the whole sequence. With the prompt's mask here
             # the split path could not recognise a right-padded causal batch and would skip flash's is_causal.
             state.query_mask = attention_mask
-            out = self.body.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-            return TaskOutput(out.logits, routing, out.loss)
+            with at:
+                out = self.body.run_backbone(state, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            return TaskOutput(_unbatch(out.logits, logits_at), routing, out.loss)
         # encoder-decoder models place their tokens themselves (BART, T5 take no position_ids)
         positions = {} if self.seq2seq else {"position_ids": positions_from_mask(attention_mask)}
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **positions)
-        return TaskOutput(out.logits, None, out.loss)
+        with at:
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **positions)
+        return TaskOutput(_unbatch(out.logits, logits_at), None, out.loss)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, group_ids=None, **kwargs):
         if self.method == "prefix":
             return self.body.generate(input_ids, attention_mask=attention_mask, group_ids=group_ids, **kwargs)
         return self.body.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _unbatch(logits: Tensor, logits_at: Tensor | None) -> Tensor:
+    """(1 n vocab) -> (n vocab) when the output layer mapped selected positions only."""
+    return logits if logits_at is None else logits[0]
 
 
 def trainable_state_dict(network: nn.Module) -> dict[str, Tensor]:
