@@ -172,17 +172,35 @@ def _offline_unless_asked() -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     _offline_unless_asked()
-    if args.gem4:
-        return _bench_generation(args)
-    if args.overrides:
+    if args.overrides and not args.gem4:
         raise ConfigError(f"config overrides ({' '.join(args.overrides)}) apply with --gem4 CONFIG only")
-    from moe_prefix.tools.bench_presets import PRESET_SETTINGS, run_preset
-    from moe_prefix.tools.benchmark import BenchConfig, format_markdown, format_report, run
-
+    if args.gem4 and args.markdown:
+        raise ConfigError("--markdown writes the prefix-method tables; with --gem4 use --json")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    results, report = _bench_generation(args, log) if args.gem4 else _bench_prefix_methods(args, log)
+    results["command"] = args.command_line
+    print(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        log(f"wrote {args.json}")
+    if args.markdown:
+        from moe_prefix.tools.benchmark import format_markdown
+
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(results) + "\n")
+        log(f"wrote {args.markdown}")
+    return 0
+
+
+def _bench_prefix_methods(args: argparse.Namespace, log) -> tuple[dict, str]:
+    from moe_prefix.tools.bench_presets import PRESET_SETTINGS, run_preset
+    from moe_prefix.tools.benchmark import BenchConfig, format_report, run
+
     given = {
         "encoder": args.encoder,
         "decoder": "smollm2-135m" if args.smollm else args.decoder,
@@ -196,41 +214,19 @@ def bench_command(args: argparse.Namespace) -> int:
     cfg = BenchConfig(**settings, memory=not args.no_memory)
     if args.quick:
         cfg = cfg.quick()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     results = run_preset(args.preset, cfg, log=log) if args.preset else run(cfg, log=log)
-    results["command"] = args.command_line
-    print(format_report(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        log(f"wrote {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(format_markdown(results) + "\n")
-        log(f"wrote {args.markdown}")
-    return 0
+    return results, format_report(results)
 
 
-def _bench_generation(args: argparse.Namespace) -> int:
+def _bench_generation(args: argparse.Namespace, log) -> tuple[dict, str]:
     """bench --gem4 CONFIG: the parts of a generation run, each two ways (moe_prefix/tools/bench_generation.py)."""
     from moe_prefix.tools.bench_generation import format_gem4, run_gem4
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    reps = {"reps": 1, "val_reps": 1, "steps": 1, "val_inputs": 4} if args.quick else {}
+    sizes = {"reps": 1, "val_reps": 1, "steps": 1, "val_inputs": 4} if args.quick else {}
     if args.reps:
-        reps["reps"] = args.reps
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    results = run_gem4(args.gem4, args.overrides, log=log, **reps)
-    results["command"] = args.command_line
-    print(format_gem4(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        log(f"wrote {args.json}")
-    return 0
+        sizes["reps"] = args.reps
+    results = run_gem4(args.gem4, args.overrides, log=log, **sizes)
+    return results, format_gem4(results)
 
 
 def prefetch_command(aliases: list[str]) -> int:
