@@ -113,7 +113,12 @@ def run_gem4(
         times[clock] |= val_times[clock]
     arms = {a.name: a for a in (*train_arms, *val_arms)}
     figures = {
-        name: {"s": statistics.median(ts), "padded_tokens": arms[name].tokens, "times_s": ts}
+        name: {
+            "s": statistics.median(ts),
+            "cpu_s": statistics.median(times["cpu"][name]),  # this process's CPU time: steadier on a shared machine
+            "padded_tokens": arms[name].tokens,
+            "times_s": ts,
+        }
         for name, ts in times["wall"].items()
     }
     ratios = {label: paired_ratio(times["wall"], a, b) for label, (a, b) in PAIRS.items()}
@@ -138,10 +143,10 @@ def format_gem4(results: dict) -> str:
         f"{results['config']} {' '.join(results['overrides'])}".rstrip(),
         f"{results['steps']} training batches, {results['val_inputs']} validation inputs "
         f"({results['val_pairs']} reference pairs); medians of {results['reps']} / {results['val_reps']} repetitions",
-        f"{'arm':<26} {'s (median)':>11} {'padded tokens':>14}",
+        f"{'arm':<26} {'s (median)':>11} {'cpu s':>8} {'padded tokens':>14}",
     ]
     for name, f in results["arms"].items():
-        lines.append(f"{name:<26} {f['s']:>11.2f} {f['padded_tokens']:>14,}")
+        lines.append(f"{name:<26} {f['s']:>11.2f} {f['cpu_s']:>8.2f} {f['padded_tokens']:>14,}")
     lines.append("paired ratios (wall clock; process CPU clock in brackets):")
     for label, ratio in results["ratios"].items():
         lines.append(f"  {label:<40} {ratio:.3f}  [{results['cpu_ratios'][label]:.3f}]")
