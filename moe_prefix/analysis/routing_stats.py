@@ -272,7 +272,7 @@ def group_experts(groups: Any, weights: Any) -> GroupExperts:
         raise ValueError(f"groups (n) and weights (n e) must describe the same examples, got {g.shape} and {w.shape}")
     names = sorted({str(x) for x in g.tolist()})
     members = np.array([[str(x) == name for x in g.tolist()] for name in names], dtype=np.float64)  # (g n)
-    counts = members.sum(1)
+    counts = members.sum(1).astype(np.int64)  # whole examples: the notebook prints "n=40", not "n=40.0"
     top1 = np.eye(w.shape[1])[w.argmax(1)]  # (n e) one-hot
     return GroupExperts(names, counts, members @ top1 / counts[:, None], members @ w / counts[:, None])
 
