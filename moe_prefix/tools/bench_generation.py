@@ -84,7 +84,7 @@ def _validation_arms(module: generation.GenerationModule, data: generation.Gener
 
 
 def run_gem4(
-    config: str,
+    config: str | None,  # None: the defaults, with `overrides` (the tests)
     overrides: list[str] | tuple[str, ...] = (),
     steps: int = 3,
     val_inputs: int = 32,
