@@ -101,6 +101,30 @@ def batch(b: int = 3, t: int = 9, seed: int = 0, pad_side: str = "right"):
     return ids, mask
 
 
+def real_diff(a, b, mask):
+    """Largest |a - b| over real (unpadded) positions."""
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+def fixed_routing_against_peft(mixture, blend: list[float], prefix_positions: int, tmp_path):
+    """A mixture on `tiny_llama()` with its group router set to give group 0 exactly `blend`, exported as a PEFT
+    prefix adapter of that fixed routing: (mixture logits, PEFT's logits, mask) on one left-padded batch."""
+    import peft
+
+    from moe_prefix.peft_interop import export_peft_adapter, peft_position_ids
+
+    with torch.no_grad():
+        mixture.router.proj.weight.copy_(torch.tensor(blend).log()[:, None])
+    ids, mask = batch(pad_side="left")
+    folder = export_peft_adapter(mixture, tmp_path, routing=blend)
+    groups = torch.zeros(ids.shape[0], dtype=torch.long)
+    positions = peft_position_ids(ids, prefix_positions)
+    with torch.no_grad():
+        got = mixture(input_ids=ids, attention_mask=mask, group_ids=groups, position_ids=positions).logits
+        expected = peft.PeftModel.from_pretrained(tiny_llama(), folder).eval()(input_ids=ids, attention_mask=mask)
+    return got, expected.logits, mask
+
+
 WORDS = [
     "good",
     "great",

@@ -7,16 +7,12 @@ element by element.
 
 import pytest
 import torch
-from conftest import batch, tiny_gpt2, tiny_llama
+from conftest import batch, fixed_routing_against_peft, real_diff, tiny_gpt2, tiny_llama
 
 from moe_prefix import PrefixConfig, attach
-from moe_prefix.peft_interop import export_peft_adapter, load_peft_prefix, peft_position_ids
+from moe_prefix.peft_interop import load_peft_prefix, peft_position_ids
 
 peft = pytest.importorskip("peft")
-
-
-def real_diff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def factorised(rank=2, **overrides) -> PrefixConfig:
@@ -79,15 +75,8 @@ def test_exported_fixed_routing_of_trained_factors_gives_peft_logits(tmp_path):
     torch.manual_seed(3)
     mixture = attach(tiny_llama(), cfg).eval()
     perturb_factors(mixture, seed=4)
-    with torch.no_grad():
-        mixture.router.proj.weight.copy_(torch.tensor(blend).log()[:, None])
-    ids, mask = batch(pad_side="left")
-    folder = export_peft_adapter(mixture, tmp_path, routing=blend)
-    groups = torch.zeros(ids.shape[0], dtype=torch.long)
-    with torch.no_grad():
-        got = mixture(input_ids=ids, attention_mask=mask, group_ids=groups, position_ids=peft_position_ids(ids, 4))
-        expected = peft.PeftModel.from_pretrained(tiny_llama(), folder).eval()(input_ids=ids, attention_mask=mask)
-    assert real_diff(got.logits, expected.logits, mask) <= 1e-5
+    got, expected, mask = fixed_routing_against_peft(mixture, blend, 4, tmp_path)
+    assert real_diff(got, expected, mask) <= 1e-5
 
 
 def test_every_input_trains_the_base_and_its_experts_factors_then_fold_and_reload_keep_outputs():

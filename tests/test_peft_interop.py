@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import batch, tiny_gpt2, tiny_llama
+from conftest import batch, real_diff, tiny_gpt2, tiny_llama
 from safetensors.torch import save_file
 
 from moe_prefix import PrefixConfig, attach
@@ -24,10 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def real_diff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def peft_prefix_model(model, P, projection=False, seed=1):

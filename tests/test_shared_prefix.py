@@ -7,17 +7,13 @@ exported), and the outputs of the code before the shared part existed (shared_le
 import numpy as np
 import pytest
 import torch
-from conftest import batch, tiny_gpt2, tiny_llama
+from conftest import batch, fixed_routing_against_peft, real_diff, tiny_gpt2, tiny_llama
 
 from moe_prefix import PrefixConfig, attach
 from moe_prefix.analysis.probes import prefix_attention_mass
-from moe_prefix.peft_interop import export_peft_adapter, load_peft_prefix, peft_position_ids
+from moe_prefix.peft_interop import load_peft_prefix, peft_position_ids
 
 peft = pytest.importorskip("peft")
-
-
-def real_diff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 # Logits of the mixture below, computed by the code before prefix.shared_len existed (commit 7e055ec):
@@ -107,16 +103,9 @@ def test_exported_fixed_routing_carries_the_shared_part_into_peft(reparam, tmp_p
     )
     torch.manual_seed(3)
     mixture = attach(tiny_llama(), cfg).eval()
-    with torch.no_grad():
-        mixture.router.proj.weight.copy_(torch.tensor(blend).log()[:, None])
-    ids, mask = batch(pad_side="left")
-    folder = export_peft_adapter(mixture, tmp_path, routing=blend)
-    groups = torch.zeros(ids.shape[0], dtype=torch.long)
-    with torch.no_grad():
-        got = mixture(input_ids=ids, attention_mask=mask, group_ids=groups, position_ids=peft_position_ids(ids, S + P))
-        expected = peft.PeftModel.from_pretrained(tiny_llama(), folder).eval()(input_ids=ids, attention_mask=mask)
-    assert real_diff(got.logits, expected.logits, mask) <= 1e-5
-    kv, _ = load_peft_prefix(folder, mixture.dims)
+    got, expected, mask = fixed_routing_against_peft(mixture, blend, S + P, tmp_path)
+    assert real_diff(got, expected, mask) <= 1e-5
+    kv, _ = load_peft_prefix(tmp_path, mixture.dims)
     assert kv.shape[-2] == S + P
     assert torch.equal(kv[..., :S, :], mixture.shared.tensor()[0].detach())
 
