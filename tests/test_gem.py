@@ -128,14 +128,8 @@ def test_real_gem4_split_leaks_nothing():
         assert not {t for r in train for t in r["targets"]} & {t for r in val for t in r["targets"]}
 
 
-def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny_lm_dir, tmp_path):
-    """A tiny gem4 run with oracle routing: every source gets one routing of its own; routing.csv holds the
-    source and the per-example scores, whose means are the corpus ROUGE-L and coverage of the metrics."""
-    import csv
-
-    from moe_prefix.train.engine import fit
-    from moe_prefix.train.run_config import load_config
-
+def tiny_gem4_overrides(tiny_lm_dir, run_dir, **extra) -> list[str]:
+    """A gem4 run of 2 steps on the tiny Llama, as `key=value` overrides; extra: more or other values."""
     values = {
         "model.backbone": tiny_lm_dir,
         "model.task": "generation",
@@ -144,20 +138,37 @@ def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny
         "data.val_fraction": 0.3,
         "data.batch_size": 4,
         "data.eval_batch_size": 4,
-        "prefix.num_experts": 4,
+        "prefix.num_experts": 3,
         "prefix.prefix_len": 2,
         "prefix.top_k": 2,
+        "prefix.init_std": 0.5,  # a prefix that draws attention from the start
+        "generation.max_new_tokens": 3,
+        "trainer.max_steps": 2,
+        "trainer.max_epochs": 5,
+        "trainer.log_every_n_steps": 1,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "run_dir": run_dir,
+    }
+    return [f"{k}={v}" for k, v in (values | extra).items()]
+
+
+def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny_lm_dir, tmp_path):
+    """A tiny gem4 run with oracle routing: every source gets one routing of its own; routing.csv holds the
+    source and the per-example scores, whose means are the corpus ROUGE-L and coverage of the metrics."""
+    import csv
+
+    from moe_prefix.train.engine import fit
+    from moe_prefix.train.run_config import load_config
+
+    extra = {
+        "prefix.num_experts": 4,
         "prefix.router_input": "group",
         "prefix.router_init": "random",
         "generation.max_new_tokens": 4,
-        "trainer.max_steps": 2,
-        "trainer.max_epochs": 5,
-        "trainer.enable_progress_bar": False,
-        "trainer.enable_model_summary": False,
         "trainer.limit_val_batches": 0,
-        "run_dir": tmp_path / "run",
     }
-    result = fit(load_config(None, [f"{k}={v}" for k, v in values.items()]))
+    result = fit(load_config(None, tiny_gem4_overrides(tiny_lm_dir, tmp_path / "run", **extra)))
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     with open(result.run_dir / "routing.csv", newline="") as f:
         rows = list(csv.DictReader(f))

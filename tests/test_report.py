@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_run_overrides, write_reviews_csv
 from nbclient import NotebookClient
-from test_gem import gem_cache  # noqa: F401  (a fixture: a cache holding a fake BIG-bench GEM artefact)
+from test_gem import gem_cache, tiny_gem4_overrides  # noqa: F401  (gem_cache: a fixture, a fake GEM artefact)
 
 from moe_prefix.analysis import probes
 from moe_prefix.tools.analyze import analyze_run, prompt_batches
@@ -157,36 +157,12 @@ def test_analyze_run_reads_a_generation_routing_table(runs, tmp_path):
     assert "fewer than two groups" in text and "Mean λ over layers and heads" in text
 
 
-def _gem4_overrides(tiny_lm_dir, run_dir, **extra):
-    values = {
-        "model.backbone": tiny_lm_dir,
-        "model.task": "generation",
-        "model.max_length": 48,
-        "data.source": "gem4",
-        "data.val_fraction": 0.3,
-        "data.batch_size": 4,
-        "data.eval_batch_size": 4,
-        "prefix.num_experts": 3,
-        "prefix.prefix_len": 2,
-        "prefix.top_k": 2,
-        "prefix.init_std": 0.5,  # a prefix that draws attention from the start
-        "generation.max_new_tokens": 3,
-        "trainer.max_steps": 2,
-        "trainer.max_epochs": 5,
-        "trainer.log_every_n_steps": 1,
-        "trainer.enable_progress_bar": False,
-        "trainer.enable_model_summary": False,
-        "run_dir": run_dir,
-    }
-    return [f"{k}={v}" for k, v in (values | extra).items()]
-
-
 def test_prompt_batches_give_each_source_the_lambda_of_its_prompts_alone(gem_cache, tiny_lm_dir, tmp_path):  # noqa: F811
     """λ of a gem4 run's validation prompts, batched and left-padded as decoding sees them, equals λ of each
     prompt run alone, and each row's group id names its own source."""
     from moe_prefix.train.generation import build
 
-    built = build(load_config(None, _gem4_overrides(tiny_lm_dir, tmp_path / "run")))
+    built = build(load_config(None, tiny_gem4_overrides(tiny_lm_dir, tmp_path / "run")))
     data, mixture = built.data, built.network.mixture
     batched = probes.prefix_attention_mass(mixture, prompt_batches(data), progress=False)
     assert sorted(batched["index"].tolist()) == list(range(len(data.val_examples)))
@@ -203,7 +179,7 @@ def test_prompt_batches_give_each_source_the_lambda_of_its_prompts_alone(gem_cac
 def test_routing_notebook_shows_gem4_routing_and_lambda_per_source(gem_cache, tiny_lm_dir, tmp_path, monkeypatch):  # noqa: F811
     """The gem4 section reads the run named by MOE_PREFIX_GEM4_RUN_DIR: a source x expert figure and table, then
     λ per source; here both variables name one tiny gem4 run."""
-    run = fit(load_config(None, _gem4_overrides(tiny_lm_dir, tmp_path / "gem4"))).run_dir
+    run = fit(load_config(None, tiny_gem4_overrides(tiny_lm_dir, tmp_path / "gem4"))).run_dir
     nb = nbformat.read(ROOT / "analysis" / "routing_behaviour.ipynb", as_version=4)
     monkeypatch.setenv("MOE_PREFIX_RUN_DIR", str(run))
     monkeypatch.setenv("MOE_PREFIX_GEM4_RUN_DIR", str(run))
