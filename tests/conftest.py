@@ -108,7 +108,8 @@ def real_diff(a, b, mask):
 
 def fixed_routing_against_peft(mixture, blend: list[float], prefix_positions: int, tmp_path):
     """A mixture on `tiny_llama()` with its group router set to give group 0 exactly `blend`, exported as a PEFT
-    prefix adapter of that fixed routing: (mixture logits, PEFT's logits, mask) on one left-padded batch."""
+    prefix adapter of that fixed routing: (mixture logits, PEFT's logits, mask, the adapter's folder) on one
+    left-padded batch."""
     import peft
 
     from moe_prefix.peft_interop import export_peft_adapter, peft_position_ids
@@ -122,7 +123,7 @@ def fixed_routing_against_peft(mixture, blend: list[float], prefix_positions: in
     with torch.no_grad():
         got = mixture(input_ids=ids, attention_mask=mask, group_ids=groups, position_ids=positions).logits
         expected = peft.PeftModel.from_pretrained(tiny_llama(), folder).eval()(input_ids=ids, attention_mask=mask)
-    return got, expected.logits, mask
+    return got, expected.logits, mask, folder
 
 
 WORDS = [

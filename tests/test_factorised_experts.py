@@ -75,7 +75,7 @@ def test_exported_fixed_routing_of_trained_factors_gives_peft_logits(tmp_path):
     torch.manual_seed(3)
     mixture = attach(tiny_llama(), cfg).eval()
     perturb_factors(mixture, seed=4)
-    got, expected, mask = fixed_routing_against_peft(mixture, blend, 4, tmp_path)
+    got, expected, mask, _ = fixed_routing_against_peft(mixture, blend, 4, tmp_path)
     assert real_diff(got, expected, mask) <= 1e-5
 
 

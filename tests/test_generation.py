@@ -154,13 +154,13 @@ def test_training_loss_from_scored_logits_equals_the_backbones_own_loss(built):
     module = GenerationModule(network, cfg, tokenizer)
     batch = data.collate(data.train_set[:8])
     losses, _ = module.model_step(batch)
-    (mine,) = torch.autograd.grad(losses.mean(), network.mixture.bank.parameters().__next__())
+    (mine,) = torch.autograd.grad(losses.mean(), next(network.mixture.bank.parameters()))
     _, state = network.mixture.prepare(batch["router_input_ids"], batch["router_attention_mask"])
     state.query_mask = batch["attention_mask"]
     ref = network.mixture.run_backbone(
         state, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
     ).loss
-    (theirs,) = torch.autograd.grad(ref, network.mixture.bank.parameters().__next__())
+    (theirs,) = torch.autograd.grad(ref, next(network.mixture.bank.parameters()))
     assert losses.mean().item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(mine, theirs, atol=1e-6, rtol=1e-4)
 

@@ -103,9 +103,9 @@ def test_exported_fixed_routing_carries_the_shared_part_into_peft(reparam, tmp_p
     )
     torch.manual_seed(3)
     mixture = attach(tiny_llama(), cfg).eval()
-    got, expected, mask = fixed_routing_against_peft(mixture, blend, S + P, tmp_path)
+    got, expected, mask, folder = fixed_routing_against_peft(mixture, blend, S + P, tmp_path)
     assert real_diff(got, expected, mask) <= 1e-5
-    kv, _ = load_peft_prefix(tmp_path, mixture.dims)
+    kv, _ = load_peft_prefix(folder, mixture.dims)
     assert kv.shape[-2] == S + P
     assert torch.equal(kv[..., :S, :], mixture.shared.tensor()[0].detach())
 

@@ -43,6 +43,7 @@ def _training_arms(module: generation.GenerationModule, batches: list[dict]) -> 
             b["attention_mask"],
             router_input_ids=b["router_input_ids"],
             router_attention_mask=b["router_attention_mask"],
+            group_ids=b["group_ids"] if module.oracle else None,  # routed by the source, as model_step routes it
         )
         return F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), b["labels"][:, 1:], ignore_index=-100)
 
@@ -95,8 +96,7 @@ def run_gem4(
     """Time the parts of a generation config's run; returns per-arm medians (s), padded tokens and the ratios."""
     cfg = load_config(config, [*overrides, f"data.max_val_examples={val_inputs}"])
     torch.manual_seed(cfg.seed)
-    tokenizer, data, network = generation.build(cfg)
-    data.load()
+    tokenizer, data, network = generation.build(cfg)  # build() loads and tokenises the data
     module = generation.make_module(generation.Built(tokenizer, data, network), cfg)
     order = list(EpochSampler(len(data.train_set), cfg.seed))
     size = cfg.data.batch_size
