@@ -248,8 +248,8 @@ LM_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 EOS = 3
 
 
-def save_tiny_causal_lm(folder):
-    """A tiny Llama (grouped-query attention) and a word-level tokenizer, saved like a pretrained folder."""
+def save_word_tokenizer(folder) -> list[str]:
+    """The word-level tokenizer of the tiny generation backbones, saved to `folder`; returns its vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -260,6 +260,12 @@ def save_tiny_causal_lm(folder):
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     tokenizer.save_pretrained(folder)
+    return vocab
+
+
+def save_tiny_causal_lm(folder):
+    """A tiny Llama (grouped-query attention) and a word-level tokenizer, saved like a pretrained folder."""
+    vocab = save_word_tokenizer(folder)
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(vocab),

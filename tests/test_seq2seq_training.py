@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import AREAS, EOS, FOODS, LM_SPECIALS, LM_WORDS, NAMES
+from conftest import EOS, save_word_tokenizer
 from test_generation import overrides, write_descriptions_jsonl
 from transformers import BartConfig, BartForConditionalGeneration
 
@@ -26,16 +26,7 @@ START = 2  # <s>: the decoder's first input
 
 def save_tiny_bart(folder):
     """A tiny random BART and the word-level tokenizer of the decoder tests, saved like a pretrained folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = LM_SPECIALS + LM_WORDS + NAMES + FOODS + AREAS
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(folder)
+    vocab = save_word_tokenizer(folder)
     torch.manual_seed(0)
     cfg = BartConfig(
         vocab_size=len(vocab),
