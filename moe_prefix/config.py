@@ -14,7 +14,7 @@ ROUTER_INPUTS = ("embeddings", "hidden", "group")
 LENGTH_MODES = ("fixed", "expert", "learned")
 INITS = ("random", "tokens")
 PREFIX_MODES = ("softmax", "decoupled")
-ROUTER_INITS = ("random", "kmeans")
+ROUTER_INITS = ("random", "kmeans", "by_group")
 EXPERT_INITS = ("independent", "upcycle")
 ATTENTION_PATHS = ("auto", "split", "joint")
 SITES = ("encoder", "decoder", "cross")
@@ -42,8 +42,9 @@ class PrefixConfig:
     # The defaults below are the recipe that kept every expert alive in the 8-seed studies (docs/router_recipes.md):
     router_init: str | None = None  # random: N(0, 0.02) weights; kmeans: nearest-centroid router from k-means with E
     # clusters over the router features of training inputs, before the first step (it keeps learning; fit() runs it,
-    # the Python API through mixture.init_router_kmeans(batches)); None: kmeans, or random where k-means has nothing
-    # to cluster (router_input=group, or one expert)
+    # the Python API through mixture.init_router_kmeans(batches)); by_group: oracle routing, group g to expert g, fixed
+    # (router_input=group, top_k=1, balanced_routing=false); None: kmeans, or random where k-means has nothing to
+    # cluster (router_input=group, or one expert)
     balanced_routing: bool = True  # training only: choose each batch's top-k by a Sinkhorn-balanced assignment,
     # so every expert gets b*k/E slots of every batch and none starves (BASE layers, Lewis et al. 2021)
     balance_free_choices: bool = True  # with balanced_routing: the Switch loss counts the router's own top-k
@@ -140,7 +141,27 @@ class PrefixConfig:
         if self.init == "tokens" and self.reparam:
             raise ValueError("prefix.init=tokens sets bank tensors directly; it cannot be combined with reparam=true")
         if self.router_init == "kmeans" and self.router_input == "group":
-            raise ValueError("prefix.router_init=kmeans clusters input features; with router_input=group use random")
+            raise ValueError(
+                "prefix.router_init=kmeans clusters input features; with router_input=group use random or by_group"
+            )
+        if self.router_init == "by_group":
+            # A learned router fed the group id is not an oracle: from a random start it can send two groups to one
+            # expert and leave another idle. by_group fixes the map; anything that moves inputs off it is refused.
+            wrong = [
+                f"prefix.{name}={value}"
+                for name, value, wanted in (
+                    ("router_input", self.router_input, "group"),
+                    ("routing", self.routing, "topk"),
+                    ("top_k", self.top_k, 1),
+                    ("balanced_routing", self.balanced_routing, False),
+                )
+                if value != wanted
+            ]
+            if wrong:
+                raise ValueError(
+                    "prefix.router_init=by_group sends each group to its own expert and needs prefix.router_input=group"
+                    f" prefix.routing=topk prefix.top_k=1 prefix.balanced_routing=false; got {' '.join(wrong)}"
+                )
         if self.prefix_mode == "decoupled" and self.length != "fixed":
             raise ValueError("prefix.prefix_mode=decoupled supports only prefix.length=fixed")
         self.train_modules = tuple(self.train_modules)

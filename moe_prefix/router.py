@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .config import PrefixConfig
 
 KMEANS_MARGIN = 2.0  # mean best-vs-second logit gap of a fresh k-means router, in nats
+BY_GROUP_GAP = 30.0  # logit gap between a group's own expert and the others (router_init=by_group), in nats
 
 
 class RouterOutput(NamedTuple):
@@ -190,6 +191,23 @@ class Router(nn.Module):
         nn.init.normal_(self.proj.weight, std=0.02)
         if self.proj.bias is not None:
             nn.init.zeros_(self.proj.bias)
+        if cfg.router_init == "by_group":
+            self._fix_group_map(feature_dim)
+
+    @torch.no_grad()
+    def _fix_group_map(self, num_groups: int) -> None:
+        """Oracle routing: group g to expert g, frozen. The features are one-hot group ids, so column g of the
+        weight is group g's logits: 0 for its expert, -BY_GROUP_GAP for the others (probability ~1e-13 there,
+        no noise of std 1 flips it, and the z-loss stays ~0 rather than adding a constant to the training loss)."""
+        if num_groups > self.cfg.num_experts:
+            raise ValueError(
+                f"prefix.router_init=by_group gives each of the {num_groups} groups its own expert; "
+                f"set prefix.num_experts to at least {num_groups} (it is {self.cfg.num_experts})"
+            )
+        self.norm = nn.Identity()  # the logits are read off one-hot features as they are
+        self.proj.weight.fill_(-BY_GROUP_GAP)
+        self.proj.weight[torch.arange(num_groups), torch.arange(num_groups)] = 0.0
+        self.proj.weight.requires_grad_(False)
 
     @torch.no_grad()
     def init_from_kmeans(self, features: Tensor, seed: int = 0, margin: float = KMEANS_MARGIN) -> Tensor:

@@ -154,7 +154,7 @@ def tiny_gem4_overrides(tiny_lm_dir, run_dir, **extra) -> list[str]:
 
 
 def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny_lm_dir, tmp_path):
-    """A tiny gem4 run with oracle routing: every source gets one routing of its own; routing.csv holds the
+    """A tiny gem4 run with oracle routing: every source goes to an expert of its own; routing.csv holds the
     source and the per-example scores, whose means are the corpus ROUGE-L and coverage of the metrics."""
     import csv
 
@@ -164,7 +164,9 @@ def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny
     extra = {
         "prefix.num_experts": 4,
         "prefix.router_input": "group",
-        "prefix.router_init": "random",
+        "prefix.router_init": "by_group",
+        "prefix.top_k": 1,
+        "prefix.balanced_routing": False,
         "generation.max_new_tokens": 4,
         "trainer.limit_val_batches": 0,
     }
@@ -173,10 +175,14 @@ def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny
     with open(result.run_dir / "routing.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["group"] for r in rows} == set(gem.GEM_SOURCES)
+    experts = {}
     for source in gem.GEM_SOURCES:
-        weights = {tuple(r[f"w{i}"] for i in range(4)) for r in rows if r["group"] == source}
-        assert len(weights) == 1, source  # routed by the source alone
+        experts[source] = {r["experts"] for r in rows if r["group"] == source}
+        assert len(experts[source]) == 1, source  # routed by the source alone
         assert f"val/bleu/{source}" in metrics
+    # sources sorted by name, as the groups are: source g on expert g, after training as before it
+    assert [experts[s] for s in sorted(gem.GEM_SOURCES)] == [{"0"}, {"1"}, {"2"}, {"3"}]
+    assert metrics["val/dead_experts"] == 0
     assert metrics["val/bleu_macro"] == pytest.approx(sum(metrics[f"val/bleu/{s}"] for s in gem.GEM_SOURCES) / 4)
     assert metrics["val/rougeL"] == pytest.approx(sum(float(r["rougeL"]) for r in rows) / len(rows), abs=1e-3)
     cg = [float(r["coverage"]) for r in rows if r["group"] == "common_gen"]

@@ -127,3 +127,38 @@ def test_detect_collapse_takes_tensors_and_lists_alike():
     for bad in ([], [[0.5, 0.5]], [0.5, -0.1], [0, 0]):
         with pytest.raises(ValueError, match="load must be"):
             detect_collapse(bad)
+
+
+def test_by_group_router_is_a_fixed_oracle_that_training_cannot_move():
+    cfg = PrefixConfig(
+        num_experts=4, top_k=1, router_input="group", num_groups=3, router_init="by_group", balanced_routing=False
+    )
+    router = Router(3, cfg).train()
+    assert not router.proj.weight.requires_grad
+    groups = torch.tensor([2, 0, 1, 2, 1])
+    out = router(torch.nn.functional.one_hot(groups, 3).float())
+    assert torch.equal(out.indices[:, 0], groups)  # group g on expert g, training noise and all
+    assert torch.equal(out.topk_weights, torch.ones(5, 1))
+    assert out.z_loss < 1e-20  # no constant added to the training loss
+    assert [p for p in router.parameters() if p.requires_grad] == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_k": 2, "balanced_routing": False}, "prefix.top_k=2"),
+        ({"top_k": 1}, "prefix.balanced_routing=True"),
+        ({"top_k": 1, "balanced_routing": False, "router_input": "embeddings"}, "prefix.router_input=embeddings"),
+    ],
+)
+def test_by_group_router_names_the_settings_it_needs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrefixConfig(num_experts=4, num_groups=4, router_init="by_group", **{"router_input": "group", **kwargs})
+
+
+def test_by_group_router_needs_an_expert_per_group():
+    cfg = PrefixConfig(
+        num_experts=2, top_k=1, router_input="group", num_groups=3, router_init="by_group", balanced_routing=False
+    )
+    with pytest.raises(ValueError, match="num_experts to at least 3"):
+        Router(3, cfg)
