@@ -88,7 +88,7 @@ class PrefixMixture(nn.Module):
         else:
             feature_dim = backbone.get_input_embeddings().weight.shape[1]
         self.bank = PrefixBank(cfg, self.dims)
-        self.router = Router(feature_dim, cfg, normalize=cfg.router_input != "group")
+        self.router = Router(feature_dim, cfg)
         self.length = LengthController(feature_dim, cfg)
         # The shared part is a one-expert bank of its own (same init, reparameterisation and fold), built last so
         # that shared_len=0 draws exactly the random numbers it always did.

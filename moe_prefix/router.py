@@ -180,11 +180,14 @@ def balanced_topk(scores: Tensor, k: int, iters: int = 20) -> Tensor:
 class Router(nn.Module):
     """Maps per-input features (b m) to a RouterOutput."""
 
-    def __init__(self, feature_dim: int, cfg: PrefixConfig, normalize: bool = True):
+    def __init__(self, feature_dim: int, cfg: PrefixConfig, normalize: bool | None = None):
         super().__init__()
         self.cfg = cfg
         # Features are means of frozen embeddings whose scale varies by model; a parameter-free
-        # LayerNorm makes the initial logit scale model-independent.
+        # LayerNorm makes the initial logit scale model-independent. One-hot group ids are read as they are
+        # (normalize=None: all but router_input=group).
+        if normalize is None:
+            normalize = cfg.router_input != "group"
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False) if normalize else nn.Identity()
         # A bias only for the k-means router: nearest-centroid logits need -|c_e|^2 / 2 per expert.
         self.proj = nn.Linear(feature_dim, cfg.num_experts, bias=cfg.router_init == "kmeans")
@@ -204,7 +207,6 @@ class Router(nn.Module):
                 f"prefix.router_init=by_group gives each of the {num_groups} groups its own expert; "
                 f"set prefix.num_experts to at least {num_groups} (it is {self.cfg.num_experts})"
             )
-        self.norm = nn.Identity()  # the logits are read off one-hot features as they are
         self.proj.weight.fill_(-BY_GROUP_GAP)
         self.proj.weight[torch.arange(num_groups), torch.arange(num_groups)] = 0.0
         self.proj.weight.requires_grad_(False)
