@@ -19,7 +19,7 @@ from moe_prefix.analysis.stats import holm
 from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.engine import fit
-from moe_prefix.train.run_config import ConfigError, load_config, to_dict
+from moe_prefix.train.run_config import ConfigError, load_config, save_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -561,3 +561,53 @@ def test_compare_puts_the_tested_arms_of_several_sweeps_in_one_table(tmp_path, c
 
     assert cli_main(["compare", str(tmp_path)]) == 2
     assert "has no summary.csv" in capsys.readouterr().err
+
+
+def test_publish_copies_finished_runs_without_weights_and_summarises_the_copy(tmp_path, monkeypatch, capsys):
+    """`ablate --publish DEST`: every finished run's config, metrics, per-example table and samples (no weights,
+    checkpoints or logs; an unfinished run not at all), configs pointing at runs/<sweep name>/ instead of the
+    machine's folder, and a summary computed from the copy that equals the sweep folder's own."""
+    from moe_prefix.tools.cli import main as cli_main
+
+    out = tmp_path / "machine" / "gem_sweep"  # absolute, as a sweep launched with --out /abs/path writes it
+    sweep = Sweep(None, {"sft": [], "rl": ["model.init_from=@sft"]}, seeds=[0, 1], reference="sft")
+    rng = np.random.default_rng(0)
+    for run in plan(sweep, out):
+        if (run.arm, run.seed) == ("rl", 1):  # in flight: checkpoints, no metrics
+            (run.run_dir / rd.CHECKPOINT_DIR).mkdir(parents=True)
+            (run.run_dir / rd.CHECKPOINT_DIR / "last.ckpt").write_bytes(b"x")
+            continue
+        bleu = rng.uniform(10, 60, 6)
+        _write_generation_run(run.run_dir, float(bleu.mean()), {"bleu": bleu})
+        save_config(load_config(None, run.overrides), run.run_dir / rd.CONFIG_FILE)
+        (run.run_dir / rd.SAMPLES_FILE).write_text('{"id": "e0", "prediction": "a"}\n')
+        (run.run_dir / rd.WEIGHTS_FILE).write_bytes(b"weights")
+        (run.run_dir / rd.LOG_DIR).mkdir()
+    sweep.metric = "val/bleu"
+    summarise(sweep, out)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(
+        "metric: val/bleu\nreference: sft\nseeds: [0, 1]\narms:\n  sft: []\n  rl: [model.init_from=@sft]\n"
+    )
+
+    dest = tmp_path / "docs" / "studies" / "gem_sweep"
+    assert cli_main(["ablate", str(sweep_file), "--out", str(out), "--publish", str(dest)]) == 0
+    assert "3 finished run(s)" in capsys.readouterr().out
+    published = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.parent != dest)
+    assert published == sorted(
+        f"{arm}/seed{seed}/{name}"
+        for arm, seed in (("sft", 0), ("sft", 1), ("rl", 0))
+        for name in (rd.CONFIG_FILE, rd.METRICS_FILE, rd.ROUTING_FILE, rd.SAMPLES_FILE)
+    )
+    rl = OmegaConf.load(dest / "rl" / "seed0" / rd.CONFIG_FILE)
+    assert (rl.run_dir, rl.model.init_from) == ("runs/gem_sweep/rl/seed0", "runs/gem_sweep/sft/seed0")
+    assert str(tmp_path) not in "".join(p.read_text() for p in dest.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert (dest / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    assert (dest / "runs.csv").read_text() == (out / "runs.csv").read_text()
+
+    # Published twice over a folder restored from the first publication: nothing lost, nothing run.
+    monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", lambda *a, **k: pytest.fail("publish ran a fit"))
+    assert cli_main(["ablate", str(sweep_file), "--out", str(dest), "--publish", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    assert cli_main(["ablate", str(sweep_file), "--out", str(tmp_path / "nowhere"), "--publish", str(dest)]) == 2
+    assert "no sweep folder" in capsys.readouterr().err

@@ -146,6 +146,12 @@ def ablate_command(args: argparse.Namespace) -> int:
         sweep = sweep_from_grid(args.base, args.sweep, args.seeds or [0, 1, 2], args.set)
     else:
         raise ConfigError("give a sweep file or --sweep key=v1,v2 (with --base CONFIG)")
+    if args.publish:
+        from moe_prefix.tools.ablate_publish import publish
+
+        copied, summary = publish(sweep, args.out, args.publish)
+        print(f"{copied} finished run(s) of {args.out} published to {args.publish}; summary written to {summary}")
+        return 0
     summary = run_sweep(sweep, args.out, workers=args.workers)
     print(summary.read_text())
     print(f"summary written to {summary}")
@@ -310,6 +316,12 @@ def _ablate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every arm")
     p.add_argument("--workers", type=int, default=1, help="runs side by side (each in its own process)")
     p.add_argument("--out", required=True, help="sweep folder: one run directory per arm and seed")
+    p.add_argument(
+        "--publish",
+        metavar="DEST",
+        help="run nothing: copy the finished runs' configs, metrics and per-example tables (no weights or "
+        "checkpoints) to DEST and summarise them there, a folder to commit",
+    )
     p.set_defaults(run=lambda a: run_cli(ablate_command, a))
 
 
