@@ -216,3 +216,19 @@ def test_every_gem4_study_arm_trains_a_step_on_a_tiny_backbone(gem_cache, tiny_l
         cfg = load_config(sweep.base, [*sweep.overrides, *overrides, *tiny, f"run_dir={tmp_path / arm}"])
         metrics = json.loads((fit(cfg).run_dir / "metrics.json").read_text())
         assert sweep.metric in metrics and metrics["steps"] == (0 if arm in sweep.once else 2), arm
+
+
+def test_router_features_read_the_source_gem4_records_carry(gem_cache, tiny_lm_dir, tmp_path):
+    """`router-features` on gem4 (data.group_column unset, as configs/gem4_*.yaml have it): the groups are the
+    records' sources; E2E alone has one group, which the command names instead of computing an NMI of nothing."""
+    from moe_prefix.tools.router_features import group_separation, markdown_table
+    from moe_prefix.train.run_config import ConfigError, load_config
+
+    overrides = tiny_gem4_overrides(tiny_lm_dir, tmp_path / "run", **{"data.group_column": "null"})
+    cfg = load_config(None, overrides)
+    rows = group_separation(cfg, seeds=1)
+    assert [r["router_input"] for r in rows][0] == "embeddings"
+    assert all(0 <= r["nmi_mean"] <= 1 and 0 <= r["linear_accuracy"] <= 1 for r in rows)
+    assert "groups (the source of each record)" in markdown_table(rows, cfg, 1)
+    with pytest.raises(ConfigError, match="fewer than two"):
+        group_separation(load_config(None, [*overrides, "data.source=webnlg_en"]))

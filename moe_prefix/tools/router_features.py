@@ -64,11 +64,15 @@ def group_separation(
         raise ConfigError(f"router features need model.method=prefix, got {cfg.model.method!r}")
     if cfg.prefix.router_input == "group":
         raise ConfigError("prefix.router_input=group routes by the group itself: no input features to compare")
-    if cfg.data.group_column is None:
-        raise ConfigError("router features are compared with the groups: set data.group_column")
+    no_groups = "router features are compared with the groups: set data.group_column"
+    # Generation records may carry their group themselves (gem4's source) with data.group_column unset.
+    if cfg.data.group_column is None and cfg.model.task != "generation":
+        raise ConfigError(no_groups)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     built = TASKS[cfg.model.task].build(cfg)
+    if len(built.data.group_names) < 2:
+        raise ConfigError(f"{no_groups}, or use a source whose records carry one (gem4); this data has fewer than two")
     mixture = built.network.mixture
     batches = built.data.router_sample(sample, cfg.seed)
     groups = torch.cat([b["group_ids"] for b in batches]).numpy()
@@ -98,8 +102,9 @@ def group_separation(
 
 
 def markdown_table(rows: list[dict], cfg: RunConfig, seeds: int) -> str:
+    groups = cfg.data.group_column or "the source of each record"
     header = (
-        f"NMI between the groups ({cfg.data.group_column}) and k-means clusters (k = {cfg.prefix.num_experts}) "
+        f"NMI between the groups ({groups}) and k-means clusters (k = {cfg.prefix.num_experts}) "
         f"of the router features of a training sample, over {seeds} k-means seeds; beside it, the NMI and accuracy "
         "on the held-out third of the sample of a linear router fitted to the groups on the rest (supervised).\n\n"
         "| router input | config | features | k-means NMI mean | min | max | supervised linear NMI | accuracy |\n"
