@@ -220,7 +220,7 @@ def test_every_gem4_study_arm_trains_a_step_on_a_tiny_backbone(gem_cache, tiny_l
 
 def test_router_features_read_the_source_gem4_records_carry(gem_cache, tiny_lm_dir, tmp_path):
     """`router-features` on gem4 (data.group_column unset, as configs/gem4_*.yaml have it): the groups are the
-    records' sources; E2E alone has one group, which the command names instead of computing an NMI of nothing."""
+    records' sources; WebNLG alone has one group, which the command names instead of computing an NMI of nothing."""
     from moe_prefix.tools.router_features import group_separation, markdown_table
     from moe_prefix.train.run_config import ConfigError, load_config
 
