@@ -127,6 +127,7 @@ def test_summary_pairs_generation_examples_on_their_scores(tmp_path):
     sweep = Sweep(
         None, {"ref": [], "up": ["prefix.top_k=1"], "noise": ["prefix.top_k=2"]}, seeds=[0, 1], reference="ref"
     )
+    sweep.overrides = ["model.task=generation", "data.source=e2e_nlg"]
     base = {s: rng.uniform(10, 60, 15) for s in sweep.seeds}
     shift = {"ref": 0.0, "up": 4.0, "noise": 0.0}
     scores = {}
@@ -149,6 +150,8 @@ def test_summary_pairs_generation_examples_on_their_scores(tmp_path):
         assert p[arm] == pytest.approx(res.pvalue, abs=0.01)
     assert p["up"] < 0.001 < p["noise"]
     assert [float(rows[a]["p_example_holm"]) for a in ("up", "noise")] == pytest.approx(holm([p["up"], p["noise"]]))
+    summary = (tmp_path / "summary.md").read_text()  # no right or wrong, so no McNemar in a generation summary
+    assert "| arm / ref better | p (examples) | p (examples, Holm) |" in summary and "McNemar" not in summary
     sweep.example_score = "ser"
     summarise(sweep, tmp_path)
     up = _summary_rows(tmp_path)["up"]

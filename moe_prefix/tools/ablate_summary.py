@@ -225,13 +225,18 @@ def _write_summary(
         writer.writeheader()
         writer.writerows({**e, "metric": name} for name, summary in tables.items() for e in summary)
     ref = sweep.reference or "–"
+    # Generation has no right or wrong: its example-level test is a sign-flip test on per-example scores.
+    generation = _is_generation(sweep)
+    discordant, example_p = (
+        ("arm / ref better", "p (examples)") if generation else ("only arm / only ref right", "p (McNemar)")
+    )
     lines = []
     for name, summary in tables.items():
         if len(tables) > 1:
             lines += [f"### {name}", ""]
         lines += [
             f"| arm | seeds | {name} mean | 95 % bootstrap CI | Δ vs {ref} | Δ 95 % CI | p (paired perm.) | p (Holm) "
-            "| Cohen's d (paired) | example pairs | only arm / only ref right | p (McNemar) | p (McNemar, Holm) "
+            f"| Cohen's d (paired) | example pairs | {discordant} | {example_p} | {example_p[:-1]}, Holm) "
             "| trainable params | train time (s, median) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -246,19 +251,19 @@ def _write_summary(
         "enumeration for few seeds; with 3 seeds the smallest attainable p is 0.25), Holm-corrected across arms. "
         "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best); Δ CI: the same "
         "over the matched seeds' differences. "
-        "p (McNemar): exact two-sided McNemar test (binomial test on the discordant pairs) over the (seed, "
-        "validation example) pairs of all matched seeds, Holm-corrected across arms; only arm / only ref: pairs "
-        "that one of the two gets right and the other wrong. It treats examples as independent given the "
-        "seeds, so it answers for this validation set, not for a new draw of training seeds.",
+        + (
+            f"p (examples): two-sided sign-flip permutation test on the per-example differences of "
+            f"`{sweep.example_score}` (routing.csv; `bleu` is sentence BLEU) over the (seed, validation example) "
+            "pairs of all matched seeds, Holm-corrected across arms; arm / ref better: pairs where the arm scores "
+            "better / worse (generation has no right or wrong)."
+            if generation
+            else "p (McNemar): exact two-sided McNemar test (binomial test on the discordant pairs) over the (seed, "
+            "validation example) pairs of all matched seeds, Holm-corrected across arms; only arm / only ref: pairs "
+            "that one of the two gets right and the other wrong."
+        )
+        + " It treats examples as independent given the seeds, so it answers for this validation set, not for a "
+        "new draw of training seeds.",
     ]
-    if any(e["pairs"] for summary in tables.values() for e in summary) and _is_generation(sweep):
-        lines += [
-            "",
-            f"Generation runs have no right or wrong: their example-level columns are the two-sided sign-flip "
-            f"permutation test on the per-example differences of `{sweep.example_score}` (routing.csv; `bleu` is "
-            "sentence BLEU) over the same pooled (seed, example) pairs, Holm-corrected across arms; only arm / "
-            "only ref count the pairs where the arm scores better / worse.",
-        ]
     if sweep.untested:
         lines += ["", f"Not tested (outside the Holm family): {', '.join(sweep.untested)}."]
     once = [arm for arm in sweep.once if any(e["arm"] == arm for summary in tables.values() for e in summary)]
@@ -409,7 +414,7 @@ def compare_studies(folders: list[Path], metric: str | None = None, scale: float
     metric: a metric of the summaries (default: each sweep's main metric, the first in its summary.csv).
     """
     lines = [
-        f"| study | arm | seeds | mean (×{scale:g}) | Δ vs reference [95 % CI] | p (Holm) | p (McNemar, Holm) "
+        f"| study | arm | seeds | mean (×{scale:g}) | Δ vs reference [95 % CI] | p (Holm) | p (examples, Holm) "
         "| dead experts (max over seeds) |",
         "|---|---|---|---|---|---|---|---|",
     ]
