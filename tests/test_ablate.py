@@ -614,3 +614,5 @@ def test_publish_copies_finished_runs_without_weights_and_summarises_the_copy(tm
     assert (tmp_path / "again" / "summary.csv").read_text() == (out / "summary.csv").read_text()
     assert cli_main(["ablate", str(sweep_file), "--out", str(tmp_path / "nowhere"), "--publish", str(dest)]) == 2
     assert "no sweep folder" in capsys.readouterr().err
+    assert cli_main(["ablate", str(sweep_file), "--out", str(out), "--publish", str(out)]) == 2
+    assert "is the sweep folder itself" in capsys.readouterr().err
