@@ -17,6 +17,7 @@ from scipy.stats import binomtest, bootstrap, permutation_test
 
 from moe_prefix.analysis.stats import holm
 from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
+from moe_prefix.tools.ablate_summary import seed_test_floor
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.engine import fit
 from moe_prefix.train.run_config import ConfigError, load_config, save_config, to_dict
@@ -24,7 +25,7 @@ from moe_prefix.train.run_config import ConfigError, load_config, save_config, t
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_summary_of_known_results(tmp_path):
+def test_summary_of_known_results(tmp_path, capsys):
     sweep = Sweep(None, {"ref": [], "better": ["prefix.top_k=1"]}, seeds=[0, 1, 2, 3], reference="ref")
     for run in plan(sweep, tmp_path):
         run.run_dir.mkdir(parents=True)
@@ -38,7 +39,35 @@ def test_summary_of_known_results(tmp_path):
     assert float(rows["better"][6]) == pytest.approx(0.125)
     assert float(rows["ref"][2]) == pytest.approx(0.815)
     assert "| better | 4 |" in summary.read_text()
+    # ... which is all 4 seeds can give: the summary says so, and that 0.05 needs 6 seeds for one tested arm.
+    assert "with 4 seeds the smallest attainable p is 0.125, 0.125 after Holm over 1 arm: no arm can" in (
+        summary.read_text()
+    )
+    assert "(6 seeds can)" in summary.read_text()
     assert (tmp_path / "summary.png").is_file()
+    run_sweep(sweep, tmp_path)  # every run done: the runner only says what its seeds allow, and summarises
+    assert "0 to go\nseed-level test: with 4 seeds the smallest attainable p is 0.125" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("seeds", "family"), [(5, 2), (7, 2), (8, 6), (4, 1), (16, 3)])
+def test_seed_test_floor_is_holm_of_the_best_sign_flip_outcome(seeds, family):
+    """The floor equals Holm over `family` arms that all reach the test's best outcome (every seed one-signed,
+    scipy's exact permutation test), and the seed count it asks for is the first that clears 0.05."""
+    a = np.arange(1.0, seeds + 1)
+    best = permutation_test(
+        (a, np.zeros(seeds)),
+        lambda x, y, axis: np.mean(x - y, axis=axis),
+        permutation_type="samples",
+        n_resamples=np.inf,
+    ).pvalue
+    corrected = holm([best] * family).min()
+    text = seed_test_floor(seeds, family)
+    assert f"smallest attainable p is {best:.3g}, {corrected:.3g} after Holm" in text
+    if corrected < 0.05:
+        assert "no arm can" not in text
+    else:
+        needed = int(text.rsplit("(", 1)[1].split()[0])
+        assert family * 2.0**-needed * 2 < 0.05 <= family * 2.0 ** -(needed - 1) * 2
 
 
 def _write_run(run_dir: Path, acc: float, right: list[bool] | None, reverse: bool = False) -> None:

@@ -10,6 +10,7 @@ from moe_prefix.analysis.stats import (
     mcnemar_exact_pvalue,
     mcnemar_test,
     paired_permutation_test,
+    smallest_sign_flip_p,
     spearman_with_ci,
 )
 
@@ -95,6 +96,13 @@ def test_paired_permutation_pvalue_never_zero_and_detects_shift():
     p = paired_permutation_test(a, b, n_permutations=999, seed=0)
     assert p == pytest.approx(1 / 1000)
     assert paired_permutation_test(a, b, n_permutations=999, seed=0, alternative="less") > 0.99
+
+
+@pytest.mark.parametrize("n", [3, 8, 16, 24])  # exact up to 16; beyond, no draw of seed 0 is as extreme
+def test_smallest_sign_flip_p_is_the_test_on_one_signed_differences(n):
+    a = np.linspace(1.0, 2.0, n)
+    assert paired_permutation_test(a, np.zeros(n)) == pytest.approx(smallest_sign_flip_p(n), rel=1e-12)
+    assert paired_permutation_test(np.zeros(n), a) == pytest.approx(smallest_sign_flip_p(n), rel=1e-12)
 
 
 @pytest.mark.parametrize("n", [10, 20])  # exact enumeration and random sign flips

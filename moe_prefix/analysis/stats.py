@@ -29,6 +29,7 @@ __all__ = [
     "bootstrap_ci",
     "paired_permutation_test",
     "holm",
+    "smallest_sign_flip_p",
     "McNemarResult",
     "mcnemar_exact_pvalue",
     "mcnemar_test",
@@ -178,6 +179,19 @@ def paired_permutation_test(
         signs = 1.0 - 2.0 * rng.integers(0, 2, size=(stop - start, n))
         count += _sign_flip_pvalue(signs @ d / n, observed, scale, alternative)
     return (count + 1) / (n_permutations + 1)
+
+
+def smallest_sign_flip_p(n: int, n_permutations: int = 10_000) -> float:
+    """The smallest p the two-sided ``paired_permutation_test`` can return for n pairs, whatever the data.
+
+    Enumerating (n <= 16), the observed sign pattern and its mirror image are always as extreme as themselves:
+    2 / 2**n. Drawing patterns, (0 + 1) / (n_permutations + 1). Times the size of a Holm family, this is the
+    smallest corrected p a study can report: where that is not below alpha, no result can be significant, and
+    only more pairs (seeds) help.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one pair, got n={n}")
+    return 2.0 / (1 << n) if n <= _EXACT_MAX_N else 1.0 / (n_permutations + 1)
 
 
 def holm(pvalues: Any) -> np.ndarray:

@@ -37,7 +37,7 @@ from moe_prefix.tools.ablate_plan import (
     resolve_base,
     sweep_from_grid,
 )
-from moe_prefix.tools.ablate_summary import example_level_test, summarise
+from moe_prefix.tools.ablate_summary import example_level_test, seed_test_floor, summarise
 from moe_prefix.train import run_dir as rd
 
 # The sweep's definition and its summary live beside this module; the names a user calls come from here.
@@ -98,6 +98,9 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
     runs = plan(sweep, out_dir)
     todo = [r for r in runs if not r.done]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to go", flush=True)
+    if sweep.reference:  # said before hours of runs: a sweep with too few seeds cannot decide at the seed level
+        tested = [arm for arm in sweep.arms if arm != sweep.reference and arm not in sweep.untested]
+        print(f"seed-level test: {seed_test_floor(len(sweep.seeds), len(tested))}", flush=True)
     start = time.time()
     counter = itertools.count(1)
 

@@ -4,6 +4,7 @@ level and example level, Holm-corrected), summary.png, and for curve sweeps the 
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from moe_prefix.analysis.stats import (
     holm,
     mcnemar_test,
     paired_permutation_test,
+    smallest_sign_flip_p,
 )
 from moe_prefix.tools.ablate_plan import Sweep, arm_steps, chained, plan
 from moe_prefix.train import run_dir as rd
@@ -164,6 +166,7 @@ def _compare_arms(
             "only_ref": np.nan,
             "p_example": np.nan,
             "p_example_holm": np.nan,
+            "seeds_matched": 0,  # seeds paired with the reference in the seed-level test
         }
         matched = sorted(set(seeds) & set(ref)) if arm not in sweep.untested else []
         if example_level and arm != sweep.reference and matched:
@@ -177,10 +180,25 @@ def _compare_arms(
             entry["diff"] = float((a - b).mean())
             _, entry["diff_ci_low"], entry["diff_ci_high"] = bootstrap_ci(a - b, seed=0)
             entry["p"] = paired_permutation_test(a, b, seed=0)
+            entry["seeds_matched"] = len(matched)
             entry["d"] = cohens_d_paired(a, b) if np.std(a - b) > 0 else np.nan
         summary.append(entry)
     _holm_columns(summary)
     return summary
+
+
+def seed_test_floor(seeds: int, family: int, alpha: float = 0.05) -> str:
+    """What the seed-level test can show at best: the smallest p with `seeds` matched seeds, after Holm over
+    `family` tested arms, and, where that is not below alpha, how many seeds would let it be."""
+    if seeds < 1 or family < 1:
+        return "no seed-level test (no arm has matched seeds with the reference)"
+    p = smallest_sign_flip_p(seeds)
+    text = f"with {seeds} seeds the smallest attainable p is {p:.3g}, {min(1.0, family * p):.3g} after Holm over "
+    text += f"{family} arm{'s' if family > 1 else ''}"
+    if family * p >= alpha:
+        needed = next(n for n in itertools.count(seeds + 1) if family * smallest_sign_flip_p(n) < alpha)
+        text += f": no arm can reach p < {alpha:g} at the seed level, whatever the runs show ({needed} seeds can)"
+    return text
 
 
 def _every_seed(sweep: Sweep, arm: str, runs: dict[int, dict]) -> dict[int, dict]:
@@ -219,6 +237,7 @@ def _write_summary(
 ) -> None:
     keys = ["arm", "n", "mean", "ci_low", "ci_high", "diff", "p", "p_holm", "d", "trainable_params", "train_time_s"]
     keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm", "metric"]  # appended: old columns stay
+    keys += ["seeds_matched"]
     keys += ["diff_ci_low", "diff_ci_high"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -248,7 +267,7 @@ def _write_summary(
         lines.append("")
     lines += [
         f"Reference arm: {ref}. p: two-sided paired sign-flip permutation test on matched seeds (exact "
-        "enumeration for few seeds; with 3 seeds the smallest attainable p is 0.25), Holm-corrected across arms. "
+        f"enumeration for few seeds; {_floor_of(tables[sweep.metric])}), Holm-corrected across arms. "
         "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best); Δ CI: the same "
         "over the matched seeds' differences. "
         + (
@@ -282,6 +301,12 @@ def _write_summary(
         lines += [f"| {arm} | {seed} | {why.replace('|', '/')} |" for (arm, seed), why in failed.items()]
         lines += ["", "They are left out of the tables above; the next invocation of this sweep resumes them."]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _floor_of(summary: list[dict]) -> str:
+    """seed_test_floor for a table: the most matched seeds any tested arm has, the tested arms as the family."""
+    tested = [e for e in summary if not np.isnan(e["p"])]
+    return seed_test_floor(max((e["seeds_matched"] for e in tested), default=0), len(tested))
 
 
 def _is_generation(sweep: Sweep) -> bool:
