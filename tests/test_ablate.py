@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from scipy.stats import binomtest, bootstrap, permutation_test
 
 from moe_prefix.analysis.stats import holm
-from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid
+from moe_prefix.tools.ablate import Sweep, load_sweep, plan, run_sweep, summarise, sweep_from_grid, time_left
 from moe_prefix.tools.ablate_summary import seed_test_floor
 from moe_prefix.train import run_dir as rd
 from moe_prefix.train.engine import fit
@@ -187,7 +187,7 @@ def test_summary_pairs_generation_examples_on_their_scores(tmp_path):
     assert up["pairs"] == "10" and int(up["only_arm"]) > int(up["only_ref"])  # lower SER counts as better
 
 
-def test_an_arm_that_trains_nothing_runs_once_and_stands_for_every_seed(tmp_path, monkeypatch):
+def test_an_arm_that_trains_nothing_runs_once_and_stands_for_every_seed(tmp_path, monkeypatch, capsys):
     """model.method=none is deterministic: one run (the first seed), paired with every reference seed at the seed
     level (its value against each seed's) and at the example level (its scores against each run's)."""
     path = tmp_path / "sweep.yaml"
@@ -210,6 +210,8 @@ def test_an_arm_that_trains_nothing_runs_once_and_stands_for_every_seed(tmp_path
     monkeypatch.setattr("moe_prefix.tools.ablate.subprocess.run", fake_run)
     run_sweep(sweep, out)
     assert len(started) == 4 + 4 + 1 and [d for d in started if "fewshot" in str(d)] == [out / "fewshot" / "seed0"]
+    log = capsys.readouterr().out  # after each run but the last, the time left: runs to go, none after the last
+    assert [f"{n} to go, about 0 min" in log for n in range(9)] == [False] + [True] * 8
     rng = np.random.default_rng(1)
     ref = {s: rng.uniform(10, 60, 15) for s in sweep.seeds}
     few = rng.uniform(5, 55, 15)
@@ -243,6 +245,14 @@ def test_an_arm_cannot_start_from_an_arm_that_trains_nothing(tmp_path):
     )
     with pytest.raises(ConfigError, match="@bare trains nothing and runs once"):
         load_sweep(path)
+
+
+def test_time_left_spreads_the_median_run_over_the_workers():
+    assert time_left([100.0, 300.0, 200.0], left=5, workers=2) == (
+        "5 to go, about 8 min at the median run so far (200 s, 2 side by side)"
+    )  # 5 x 200 / 2 = 500 s
+    assert time_left([2_000.0], left=1, workers=2).startswith("1 to go, about 33 min")  # one run left: one worker
+    assert time_left([2_000.0, 1_000.0], left=24, workers=2).startswith("24 to go, about 5.0 h")
 
 
 def test_bad_arm_fails_before_any_run():

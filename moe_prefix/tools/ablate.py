@@ -21,8 +21,10 @@ reference run's.
 from __future__ import annotations
 
 import itertools
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +56,7 @@ __all__ = [
     "run_sweep",
     "summarise",
     "sweep_from_grid",
+    "time_left",
 ]
 
 
@@ -83,6 +86,16 @@ def _execute(run: Run, base: str | Path | None, log) -> tuple[int, str]:
     return proc.returncode, why
 
 
+def time_left(durations: list[float], left: int, workers: int) -> str:
+    """A rough ETA for the log: the runs left times the median finished run, spread over the workers. A run
+    resumed from checkpoints counts with its shorter time, so early in a resumed sweep the figure runs low."""
+    median = statistics.median(durations)
+    side = max(1, min(workers, left))
+    eta = median * left / side
+    when = f"{eta / 60:.0f} min" if eta < 5400 else f"{eta / 3600:.1f} h"
+    return f"{left} to go, about {when} at the median run so far ({median:,.0f} s, {side} side by side)"
+
+
 def _error_line(log_file: Path, start: int) -> str | None:
     """The last `error: ...` line this attempt wrote to the run's log (the command's one-line errors)."""
     with open(log_file, errors="replace") as f:
@@ -103,6 +116,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
         print(f"seed-level test: {seed_test_floor(len(sweep.seeds), len(tested))}", flush=True)
     start = time.time()
     counter = itertools.count(1)
+    ended, lock = itertools.count(1), threading.Lock()
+    durations: list[float] = []  # wall seconds of this invocation's finished runs, for the time-left line
 
     def log(msg):
         print(
@@ -119,8 +134,17 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1) -> Path:
             dependency = futures.get((run.after, run.seed))
             if dependency is not None and dependency.result()[0] != 0:
                 log(f"FAILED (skipped: {run.after} seed {run.seed} failed) {run.arm} seed {run.seed}")
-                return -1, f"not started: {run.after} seed {run.seed} failed"
-            return _execute(run, sweep.base, log)
+                result = -1, f"not started: {run.after} seed {run.seed} failed"
+            else:
+                began = time.time()
+                result = _execute(run, sweep.base, log)
+            with lock:
+                left = len(todo) - next(ended)
+                if result[0] == 0:
+                    durations.append(time.time() - began)
+                if left and durations:
+                    log(time_left(durations, left, workers))
+            return result
 
         for run in todo:
             futures[run.arm, run.seed] = pool.submit(execute, run)
