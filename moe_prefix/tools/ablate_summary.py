@@ -237,8 +237,7 @@ def _write_summary(
 ) -> None:
     keys = ["arm", "n", "mean", "ci_low", "ci_high", "diff", "p", "p_holm", "d", "trainable_params", "train_time_s"]
     keys += ["pairs", "only_arm", "only_ref", "p_example", "p_example_holm", "metric"]  # appended: old columns stay
-    keys += ["seeds_matched"]
-    keys += ["diff_ci_low", "diff_ci_high"]
+    keys += ["diff_ci_low", "diff_ci_high", "seeds_matched"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
