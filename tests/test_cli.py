@@ -233,7 +233,7 @@ def test_module_help_lists_every_command(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^ {4}(\w+) ", proc.stdout, re.MULTILINE)
-    assert listed == ["fit", "evaluate", "analyze", "ablate", "compare", "bench", "prefetch"]
+    assert listed == ["fit", "evaluate", "analyze", "ablate", "compare", "routing", "bench", "prefetch"]
 
 
 def test_every_script_is_a_command():

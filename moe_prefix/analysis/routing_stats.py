@@ -32,6 +32,7 @@ __all__ = [
     "RoutingEntropy",
     "Separability",
     "expert_load",
+    "dead_expert_count",
     "routing_entropy",
     "normalized_mutual_info",
     "nmi_permutation_test",
@@ -85,6 +86,13 @@ def expert_load(routing: Any, num_experts: int | None = None) -> np.ndarray:
     if num_experts is not None and num_experts != w.shape[1]:
         raise ValueError(f"weights have {w.shape[1]} experts, num_experts={num_experts}")
     return w.mean(axis=0)
+
+
+def dead_expert_count(share: Any) -> int:
+    """Experts whose share of the routing (mean weight over examples, (e,)) is below 1/(4e): a quarter of an
+    even split. Training logs `val/dead_experts` with this rule; sweep tables recount it from routing.csv."""
+    s = as_numpy(share, dtype=np.float64)
+    return int((s < 1 / (4 * s.size)).sum())
 
 
 def _normalise_rows(weights: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The `moe-prefix` command: fit, evaluate, analyze, router-features, ablate, bench, prefetch.
+"""The `moe-prefix` command: fit, evaluate, analyze, router-features, ablate, compare, routing, bench, prefetch.
 
 `main` parses the arguments (`moe-prefix`, `python -m moe_prefix.tools` and the thin scripts/*.py all call it);
 every command turns expected errors into one line and exit code 2, not a traceback. Imports that pull in
@@ -162,6 +162,14 @@ def compare_command(args: argparse.Namespace) -> int:
     from moe_prefix.tools.ablate_summary import compare_studies
 
     print(compare_studies(args.sweeps, metric=args.metric, scale=args.scale), end="")
+    return 0
+
+
+def routing_command(args: argparse.Namespace) -> int:
+    from moe_prefix.tools.sweep_routing import routing_markdown, sweep_routing
+
+    rows, groups = sweep_routing(args.sweep, arms=args.arms, metric=args.metric)
+    print(routing_markdown(rows, groups), end="")
     return 0
 
 
@@ -332,6 +340,13 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=lambda a: run_cli(compare_command, a))
 
 
+def _routing_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", metavar="SWEEP_DIR", help="a sweep folder (ARM/seedN run directories with routing.csv)")
+    p.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms (default: every arm with routing)")
+    p.add_argument("--metric", help="a metric of the runs' metrics.json (default: the sweep's main metric)")
+    p.set_defaults(run=lambda a: run_cli(routing_command, a))
+
+
 def _bench_parser(p: argparse.ArgumentParser) -> None:
     # Defaults of None fall back to BenchConfig's, which bench_command imports (torch) only when it runs.
     p.add_argument("--json", metavar="PATH", help="write every figure and ratio as JSON here")
@@ -391,6 +406,10 @@ COMMANDS = {
     ),
     "ablate": (_ablate_parser, "run an ablation sweep (arms x seeds) and summarise it; restarts where it stopped"),
     "compare": (_compare_parser, "one table of the tested arms of several summarised sweeps, Δ with its interval"),
+    "routing": (
+        _routing_parser,
+        "per run of a sweep: first-choice weight, experts in use, dead experts, NMI with the group, metric",
+    ),
     "bench": (_bench_parser, "benchmark prefix methods: ms/step, tokens/s, peak memory (docs/benchmarks.md)"),
     "prefetch": (_prefetch_parser, "fetch the pinned offline assets into the cache (then copy it elsewhere)"),
 }

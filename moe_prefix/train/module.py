@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from moe_prefix.analysis.routing_stats import normalized_mutual_info
+from moe_prefix.analysis.routing_stats import dead_expert_count, normalized_mutual_info
 from moe_prefix.router import detect_collapse
 
 from .checkpointing import check_compatible
@@ -65,7 +65,7 @@ def routing_metrics(rows: list[dict], num_experts: int, prefix: str = "val") -> 
     metrics = {
         f"{prefix}/router_entropy": float(summary["entropy"]),
         f"{prefix}/prefix_len": sum(r["prefix_len"] for r in rows) / len(rows),
-        f"{prefix}/dead_experts": int((share < 1 / (4 * num_experts)).sum()),
+        f"{prefix}/dead_experts": dead_expert_count(share),
     }
     for i, (load, weight) in enumerate(zip(summary["load"], share, strict=True)):
         metrics[f"{prefix}/load/e{i}"] = float(load)
