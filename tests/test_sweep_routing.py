@@ -75,7 +75,7 @@ def test_routing_table_recounts_what_training_logged(tmp_path):
         assert r["experts chosen first"] == 3 and 0.6 < r["first-choice weight"] < 0.99
         assert r["val/acc"] == pytest.approx(0.9)
     text = routing_markdown(rows, groups)
-    assert "| moe | 10 |" in text and "| e2 e1 | 0.9 |" in text and "in the order a_src, b_src." in text
+    assert "| moe | 10 |" in text and "| e2 e1 | 0.9000 |" in text and "in the order a_src, b_src." in text
 
 
 def test_routing_table_defaults_to_the_main_metric_and_names_bad_arms(tmp_path):

@@ -95,7 +95,7 @@ def routing_markdown(rows: list[dict], groups: list[str]) -> str:
         cells = [r["arm"], str(r["seed"]), f"{r['first-choice weight']:.3f}", str(r["experts chosen first"])]
         cells += [str(r["dead"]), f"{r['entropy']:.3f}", "–" if np.isnan(r["NMI"]) else f"{r['NMI']:.3f}"]
         cells += [" ".join(f"e{r['top-1 by group'][g]}" if g in r["top-1 by group"] else "–" for g in groups)]
-        cells += ["–" if np.isnan(r[metric]) else f"{r[metric]:.4g}"]
+        cells += ["–" if np.isnan(r[metric]) else f"{r[metric]:#.4g}"]
         lines.append("| " + " | ".join(cells) + " |")
     if groups:
         lines += [
