@@ -193,7 +193,8 @@ def seed_test_floor(seeds: int, family: int, alpha: float = 0.05) -> str:
     if seeds < 1 or family < 1:
         return "no seed-level test (no arm has matched seeds with the reference)"
     p = smallest_sign_flip_p(seeds)
-    text = f"with {seeds} seeds the smallest attainable p is {p:.3g}, {min(1.0, family * p):.3g} after Holm over "
+    text = f"with {seeds} seed{'s' if seeds > 1 else ''} the smallest attainable p is {p:.3g}, "
+    text += f"{min(1.0, family * p):.3g} after Holm over "
     text += f"{family} arm{'s' if family > 1 else ''}"
     if family * p >= alpha:
         needed = next(n for n in itertools.count(seeds + 1) if family * smallest_sign_flip_p(n) < alpha)

@@ -1,0 +1,149 @@
+"""Issue 25's goal checked against the gem4 sweeps' published summaries: one table, one row per clause.
+
+The goal, on each backbone: the mixture (`moe4_recipe`, the sweeps' reference arm) is ahead of the
+equal-parameter single prefix by at least 1.5 macro-BLEU with Holm p < 0.05 at the seed and at the example
+level, within 0.5 of oracle routing (where the sweep has an oracle arm), and the best prefix arm is at most
+1 BLEU behind LoRA. Every figure is read from the runner's own summary.csv (Holm over the sweep's tested
+arms, as the runner corrected it); a backbone whose sweep has fewer seeds than its sweep file plans is
+marked interim.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_prefix.tools.ablate_plan import load_sweep
+from moe_prefix.train.run_config import ConfigError
+
+MIXTURE, SINGLE, ORACLE, LORA = "moe4_recipe", "prefix1_equal_params", "oracle", "lora"
+NOT_PREFIX = (LORA, "fewshot")  # arms that are no prefix: left out of "the best prefix arm"
+LEAD, ALPHA, ORACLE_TOLERANCE, LORA_GAP = 1.5, 0.05, 0.5, 1.0
+
+
+@dataclass(frozen=True)
+class Study:
+    backbone: str
+    folder: Path  # a published sweep folder (summary.csv)
+    sweep_file: Path  # its sweep file: the planned seeds and the reference arm
+
+
+def read_summary(folder: Path, metric: str) -> dict[str, dict[str, float]]:
+    """summary.csv's rows of `metric`, by arm, numbers as floats (nan where empty)."""
+    path = Path(folder) / "summary.csv"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: publish the sweep first (scripts/ablate.py SWEEP --publish DEST)")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == metric]
+    if not rows:
+        raise ConfigError(f"{path} has no rows of {metric}")
+    return {r["arm"]: {k: _number(v) for k, v in r.items() if k not in ("arm", "metric")} for r in rows}
+
+
+def _number(text: str | None) -> float:
+    return float(text) if text not in (None, "") else math.nan
+
+
+def goal_rows(study: Study) -> list[dict[str, str]]:
+    """The goal's clauses for one backbone: what was measured and whether the clause is met."""
+    sweep = load_sweep(study.sweep_file)
+    if sweep.reference != MIXTURE:
+        raise ConfigError(
+            f"{study.sweep_file}: the verdict reads Δ against {MIXTURE}, its reference is {sweep.reference}"
+        )
+    arms = read_summary(study.folder, sweep.metric)
+    for needed in (MIXTURE, SINGLE, LORA):
+        if needed not in arms:
+            raise ConfigError(f"{study.folder}/summary.csv has no {needed} arm: nothing to check the goal against")
+    seeds = int(min(arms[a]["n"] for a in arms if a not in sweep.once))
+    state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if seeds < len(sweep.seeds) else "")
+    single = arms[SINGLE]
+    lead = -single["diff"]  # summary.csv holds arm - reference; the goal reads mixture - single prefix
+    ahead = lead > 0
+    rows = [
+        _row(
+            study,
+            state,
+            f"mixture − single prefix (equal parameters) ≥ +{LEAD}",
+            f"{lead:+.2f} [{-single['diff_ci_high']:+.2f}, {-single['diff_ci_low']:+.2f}]",
+            lead >= LEAD,
+        ),
+        _row(
+            study,
+            state,
+            f"… seed level, Holm p < {ALPHA}",
+            _p(single["p_holm"], ahead),
+            ahead and single["p_holm"] < ALPHA,
+        ),
+        _row(
+            study,
+            state,
+            f"… example level, Holm p < {ALPHA}",
+            _p(single["p_example_holm"], ahead),
+            ahead and single["p_example_holm"] < ALPHA,
+        ),
+    ]
+    if ORACLE in arms:
+        behind = arms[ORACLE]["diff"]  # oracle - mixture
+        rows.append(
+            _row(
+                study,
+                state,
+                f"mixture within {ORACLE_TOLERANCE} of oracle routing (or ahead)",
+                f"mixture − oracle = {-behind:+.2f}",
+                behind <= ORACLE_TOLERANCE,
+            )
+        )
+    prefix_arms = {a: v["mean"] for a, v in arms.items() if a not in NOT_PREFIX}
+    best = max(prefix_arms, key=prefix_arms.get)
+    gap = arms[LORA]["mean"] - prefix_arms[best]
+    rows.append(
+        _row(
+            study,
+            state,
+            f"LoRA − best prefix arm ≤ {LORA_GAP}",
+            f"{arms[LORA]['mean']:.2f} − {prefix_arms[best]:.2f} ({best}) = {gap:+.2f}",
+            gap <= LORA_GAP,
+        )
+    )
+    return rows
+
+
+def _p(p: float, ahead: bool) -> str:
+    return f"{p:.3g}" + ("" if ahead else " (mixture behind)")
+
+
+def _row(study: Study, seeds: str, clause: str, measured: str, met: bool) -> dict[str, str]:
+    return {
+        "backbone": study.backbone,
+        "seeds": seeds,
+        "clause": clause,
+        "measured": measured,
+        "met": "yes" if met else "**no**",
+    }
+
+
+def verdict_markdown(studies: list[Study]) -> str:
+    """One Markdown table of every backbone's clauses; a backbone not published yet is named under it."""
+    rows, missing = [], []
+    for study in studies:
+        if (Path(study.folder) / "summary.csv").is_file():
+            rows += goal_rows(study)
+        else:
+            missing.append(study)
+    header = ["backbone", "seeds", "clause", "measured", "met"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r[k] for k in header) + " |" for r in rows]
+    for study in missing:
+        lines += ["", f"{study.backbone}: no published summary in {_shown(study.folder)} yet (sweep not run)."]
+    return "\n".join(lines) + "\n"
+
+
+def _shown(folder: Path) -> str:
+    """The folder relative to the working directory where it lies under it (no machine paths in docs)."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)

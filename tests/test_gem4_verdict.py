@@ -1,0 +1,106 @@
+"""The gem4 verdict reads the runner's summaries the right way round and marks each clause as the goal says."""
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+
+from moe_prefix.tools.gem4_verdict import Study, goal_rows, verdict_markdown
+from moe_prefix.train.run_config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["arm", "n", "mean", "diff", "p_holm", "p_example_holm", "metric", "diff_ci_low", "diff_ci_high"]
+
+
+def _sweep_file(tmp_path: Path, arms: list[str], seeds: int) -> Path:
+    overrides = {
+        "moe4_recipe": "[]",
+        "prefix1_equal_params": "[prefix.num_experts=1, prefix.top_k=1, prefix.prefix_len=64]",
+        "oracle": "[prefix.router_input=group, prefix.router_init=by_group, prefix.balanced_routing=false, "
+        "prefix.top_k=1]",
+        "lora": "[model.method=lora]",
+    }
+    lines = [f"base: {ROOT / 'configs/gem4_smollm2.yaml'}", "reference: moe4_recipe", "metric: val/bleu_macro"]
+    lines += [f"seeds: {list(range(seeds))}", "arms:", *(f"  {a}: {overrides[a]}" for a in arms)]
+    path = tmp_path / "sweep.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _summary(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"metric": "val/bleu_macro", **row})
+    return folder
+
+
+def _arm(arm, mean, diff="", p="", p_ex="", low="", high="", n=8):
+    return {"arm": arm, "n": n, "mean": mean, "diff": diff, "p_holm": p, "p_example_holm": p_ex,
+            "diff_ci_low": low, "diff_ci_high": high}  # fmt: skip
+
+
+def test_clauses_met_when_the_mixture_leads_by_enough_with_both_tests_below_alpha(tmp_path):
+    folder = _summary(
+        tmp_path / "study",
+        [
+            _arm("moe4_recipe", 24.0),
+            _arm("prefix1_equal_params", 22.0, -2.0, 0.03, 0.001, -2.5, -1.6),
+            _arm("oracle", 24.3, 0.3, 0.5, 0.2, -0.1, 0.8),
+            _arm("lora", 24.8, 0.8, 0.2, 0.1, 0.1, 1.2),
+        ],
+    )
+    rows = goal_rows(
+        Study("tiny", folder, _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "oracle", "lora"], 8))
+    )
+    assert [r["met"] for r in rows] == ["yes"] * 5
+    assert rows[0]["measured"] == "+2.00 [+1.60, +2.50]"  # mixture - single prefix, the interval flipped with it
+    assert rows[-1]["measured"] == "24.80 − 24.30 (oracle) = +0.50"  # the oracle is a prefix arm too
+    assert {r["seeds"] for r in rows} == {"8 of 8"}
+
+
+def test_a_small_p_with_the_mixture_behind_is_no_success_and_missing_seeds_are_interim(tmp_path):
+    folder = _summary(
+        tmp_path / "study",
+        [
+            _arm("moe4_recipe", 20.0, n=6),
+            _arm("prefix1_equal_params", 22.0, 2.0, 0.01, 0.001, 1.0, 3.0, n=6),
+            _arm("lora", 23.5, 3.5, 0.01, 0.001, 2.0, 5.0, n=6),
+        ],
+    )
+    rows = goal_rows(Study("tiny", folder, _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 8)))
+    assert [r["clause"].split(",")[0] for r in rows][1:3] == ["… seed level", "… example level"]
+    assert [r["met"] for r in rows] == ["**no**", "**no**", "**no**", "**no**"]  # no oracle row without an oracle arm
+    assert rows[1]["measured"] == "0.01 (mixture behind)"
+    assert rows[3]["measured"] == "23.50 − 22.00 (prefix1_equal_params) = +1.50"
+    assert {r["seeds"] for r in rows} == {"6 of 8 (interim)"}
+
+
+def test_an_unpublished_backbone_is_named_and_a_missing_arm_is_an_error(tmp_path):
+    sweep = _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 3)
+    text = verdict_markdown([Study("Unrun", tmp_path / "nowhere", sweep)])
+    assert "Unrun: no published summary" in text
+    folder = _summary(tmp_path / "study", [_arm("moe4_recipe", 20.0), _arm("lora", 22.0, 2.0, 0.1, 0.1, 1.0, 3.0)])
+    with pytest.raises(ConfigError, match="no prefix1_equal_params arm"):
+        goal_rows(Study("tiny", folder, sweep))
+
+
+def test_the_committed_smollm2_study_reads_the_same_differences_as_its_runs():
+    """Independent of summary.csv's sign convention: the lead recomputed from runs.csv's per-seed values."""
+    folder = ROOT / "docs/studies/gem4_smollm2"
+    with open(folder / "runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    by_arm = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = float(r["metric"])
+    seeds = sorted(set(by_arm["moe4_recipe"]) & set(by_arm["prefix1_equal_params"]))
+    lead = statistics.mean(by_arm["moe4_recipe"][s] - by_arm["prefix1_equal_params"][s] for s in seeds)
+    lora_gap = statistics.mean(by_arm["lora"].values()) - max(
+        statistics.mean(v.values()) for a, v in by_arm.items() if a not in ("lora", "fewshot")
+    )
+    rows = goal_rows(Study("SmolLM2", folder, ROOT / "configs/ablations/gem4_smollm2.yaml"))
+    assert rows[0]["measured"].split()[0] == f"{lead:+.2f}"
+    assert rows[-1]["measured"].endswith(f"= {lora_gap:+.2f}")
