@@ -329,6 +329,10 @@ def test_summary_block_reports_task_metric_routing_health_size_time_and_ends_wit
         "training time: 50.3 s (583 steps)",
         "run directory: runs/moe4-1",
     ]
+    # named after the group column; generation records carry their group themselves (column null)
+    for column, shown in (("domain", "domain"), ("null", "group")):
+        text = summary_block(metrics, _cfg(**{"data.group_column": column}), Path("runs/x"))
+        assert f"routing NMI with {shown}: 0.4100" in text.splitlines()
 
 
 def test_summary_block_leaves_out_what_a_run_did_not_measure():

@@ -268,7 +268,8 @@ def _write_summary(
     lines += [
         f"Reference arm: {ref}. p: two-sided paired sign-flip permutation test on matched seeds (exact "
         f"enumeration for few seeds; {_floor_of(tables[sweep.metric])}), Holm-corrected across arms. "
-        "CI: percentile bootstrap over seeds (with 3 seeds it spans the observed range at best); Δ CI: the same "
+        "CI: percentile bootstrap over seeds (it never reaches past the seeds' own range, so with few seeds it is "
+        "too narrow); Δ CI: the same "
         "over the matched seeds' differences. "
         + (
             f"p (examples): two-sided sign-flip permutation test on the per-example differences of "

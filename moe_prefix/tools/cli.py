@@ -93,7 +93,8 @@ def summary_block(m: dict, cfg, run_dir) -> str:
     if "val/dead_experts" in m:  # a mixture: what a mixture user checks first
         lines.append(f"dead experts: {int(m['val/dead_experts'])} of {cfg.prefix.num_experts}")
     if "val/nmi" in m:  # rows had groups: does the top-1 expert follow them?
-        lines.append(f"routing NMI with {cfg.data.group_column}: {m['val/nmi']:.4f}")
+        # generation records carry their group themselves (gem4's source) with data.group_column null
+        lines.append(f"routing NMI with {cfg.data.group_column or 'group'}: {m['val/nmi']:.4f}")
     lines.append(f"trainable parameters: {int(m['trainable_params']):,}")
     if "train_time_s" in m:
         steps = f" ({int(m['steps'])} steps)" if "steps" in m else ""
