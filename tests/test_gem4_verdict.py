@@ -79,6 +79,17 @@ def test_a_small_p_with_the_mixture_behind_is_no_success_and_missing_seeds_are_i
     assert {r["seeds"] for r in rows} == {"6 of 8 (interim)"}
 
 
+def test_one_seed_reads_the_difference_of_means_and_claims_no_test(tmp_path):
+    folder = _summary(
+        tmp_path / "study",
+        [_arm("moe4_recipe", 20.0, n=1), _arm("prefix1_equal_params", 21.0, n=1), _arm("lora", 23.0, n=1)],
+    )
+    rows = goal_rows(Study("tiny", folder, _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 7)))
+    assert rows[0]["measured"] == "-1.00 [–, –]"
+    assert rows[1]["measured"] == "– (no test: too few matched seeds)" and rows[1]["met"] == "**no**"
+    assert rows[0]["seeds"] == "1 of 7 (interim)"
+
+
 def test_an_unpublished_backbone_is_named_and_a_missing_arm_is_an_error(tmp_path):
     sweep = _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 3)
     text = verdict_markdown([Study("Unrun", tmp_path / "nowhere", sweep)])

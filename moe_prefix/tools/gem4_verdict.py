@@ -60,14 +60,16 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     seeds = int(min(arms[a]["n"] for a in arms if a not in sweep.once))
     state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if seeds < len(sweep.seeds) else "")
     single = arms[SINGLE]
-    lead = -single["diff"]  # summary.csv holds arm - reference; the goal reads mixture - single prefix
+    # summary.csv holds arm - reference over matched seeds; the goal reads mixture - single prefix. Without
+    # matched seeds (one seed so far) the runner tests nothing: the lead is then the difference of the means.
+    lead = -single["diff"] if math.isfinite(single["diff"]) else arms[MIXTURE]["mean"] - single["mean"]
     ahead = lead > 0
     rows = [
         _row(
             study,
             state,
             f"mixture − single prefix (equal parameters) ≥ +{LEAD}",
-            f"{lead:+.2f} [{-single['diff_ci_high']:+.2f}, {-single['diff_ci_low']:+.2f}]",
+            f"{lead:+.2f} [{_signed(-single['diff_ci_high'])}, {_signed(-single['diff_ci_low'])}]",
             lead >= LEAD,
         ),
         _row(
@@ -112,7 +114,13 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
 
 
 def _p(p: float, ahead: bool) -> str:
+    if not math.isfinite(p):
+        return "– (no test: too few matched seeds)"
     return f"{p:.3g}" + ("" if ahead else " (mixture behind)")
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.2f}" if math.isfinite(x) else "–"
 
 
 def _row(study: Study, seeds: str, clause: str, measured: str, met: bool) -> dict[str, str]:
