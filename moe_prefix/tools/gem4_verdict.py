@@ -64,53 +64,37 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     # matched seeds (one seed so far) the runner tests nothing: the lead is then the difference of the means.
     lead = -single["diff"] if math.isfinite(single["diff"]) else arms[MIXTURE]["mean"] - single["mean"]
     ahead = lead > 0
-    rows = [
-        _row(
-            study,
-            state,
+    clauses = [
+        (
             f"mixture − single prefix (equal parameters) ≥ +{LEAD}",
             f"{lead:+.2f} [{_signed(-single['diff_ci_high'])}, {_signed(-single['diff_ci_low'])}]",
             lead >= LEAD,
-        ),
-        _row(
-            study,
-            state,
-            f"… seed level, Holm p < {ALPHA}",
-            _p(single["p_holm"], ahead),
-            ahead and single["p_holm"] < ALPHA,
-        ),
-        _row(
-            study,
-            state,
-            f"… example level, Holm p < {ALPHA}",
-            _p(single["p_example_holm"], ahead),
-            ahead and single["p_example_holm"] < ALPHA,
-        ),
+        )
     ]
+    for level, column in (("seed", "p_holm"), ("example", "p_example_holm")):
+        p = single[column]
+        clauses.append((f"… {level} level, Holm p < {ALPHA}", _p(p, ahead), ahead and p < ALPHA))
     if ORACLE in arms:
-        behind = arms[ORACLE]["diff"]  # oracle - mixture
-        rows.append(
-            _row(
-                study,
-                state,
+        ahead_of_oracle = arms[MIXTURE]["mean"] - arms[ORACLE]["mean"]  # arms of a sweep share their seeds
+        clauses.append(
+            (
                 f"mixture within {ORACLE_TOLERANCE} of oracle routing (or ahead)",
-                f"mixture − oracle = {-behind:+.2f}",
-                behind <= ORACLE_TOLERANCE,
+                f"mixture − oracle = {ahead_of_oracle:+.2f}",
+                ahead_of_oracle >= -ORACLE_TOLERANCE,
             )
         )
     prefix_arms = {a: v["mean"] for a, v in arms.items() if a not in NOT_PREFIX}
     best = max(prefix_arms, key=prefix_arms.get)
     gap = arms[LORA]["mean"] - prefix_arms[best]
-    rows.append(
-        _row(
-            study,
-            state,
+    clauses.append(
+        (
             f"LoRA − best prefix arm ≤ {LORA_GAP}",
             f"{arms[LORA]['mean']:.2f} − {prefix_arms[best]:.2f} ({best}) = {gap:+.2f}",
             gap <= LORA_GAP,
         )
     )
-    return rows
+    header = {"backbone": study.backbone, "seeds": state}
+    return [{**header, "clause": c, "measured": m, "met": "yes" if met else "**no**"} for c, m, met in clauses]
 
 
 def _p(p: float, ahead: bool) -> str:
@@ -121,16 +105,6 @@ def _p(p: float, ahead: bool) -> str:
 
 def _signed(x: float) -> str:
     return f"{x:+.2f}" if math.isfinite(x) else "–"
-
-
-def _row(study: Study, seeds: str, clause: str, measured: str, met: bool) -> dict[str, str]:
-    return {
-        "backbone": study.backbone,
-        "seeds": seeds,
-        "clause": clause,
-        "measured": measured,
-        "met": "yes" if met else "**no**",
-    }
 
 
 def verdict_markdown(studies: list[Study]) -> str:
