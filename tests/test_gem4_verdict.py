@@ -115,3 +115,14 @@ def test_the_committed_smollm2_study_reads_the_same_differences_as_its_runs():
     rows = goal_rows(Study("SmolLM2", folder, ROOT / "configs/ablations/gem4_smollm2.yaml"))
     assert rows[0]["measured"].split()[0] == f"{lead:+.2f}"
     assert rows[-1]["measured"].endswith(f"= {lora_gap:+.2f}")
+
+
+def test_the_command_prints_the_committed_verdict_and_fails_in_one_line_without_sweep_files(tmp_path, capsys):
+    from moe_prefix.tools.cli import main
+
+    study = ROOT / "docs/studies/gem4_smollm2"
+    assert main(["gem4-verdict", "--smollm2", str(study), "--sweeps", str(ROOT / "configs/ablations")]) == 0
+    assert "| SmolLM2-135M |" in capsys.readouterr().out
+    code = main(["gem4-verdict", "--smollm2", str(study), "--sweeps", str(tmp_path)])
+    output = "".join(capsys.readouterr())
+    assert code == 2 and "sweep file not found" in output and "Traceback" not in output, output

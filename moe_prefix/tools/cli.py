@@ -1,4 +1,5 @@
-"""The `moe-prefix` command: fit, evaluate, analyze, router-features, ablate, compare, routing, bench, prefetch.
+"""The `moe-prefix` command: fit, evaluate, analyze, router-features, ablate, compare, routing, gem4-verdict, bench,
+prefetch.
 
 `main` parses the arguments (`moe-prefix`, `python -m moe_prefix.tools` and the thin scripts/*.py all call it);
 every command turns expected errors into one line and exit code 2, not a traceback. Imports that pull in
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from moe_prefix.train.run_config import ConfigError, load_config
 
@@ -171,6 +173,17 @@ def routing_command(args: argparse.Namespace) -> int:
 
     rows, groups = sweep_routing(args.sweep, arms=args.arms, metric=args.metric)
     print(routing_markdown(rows, groups), end="")
+    return 0
+
+
+def gem4_verdict_command(args: argparse.Namespace) -> int:
+    from moe_prefix.tools.gem4_verdict import Study, verdict_markdown
+
+    studies = [
+        Study("SmolLM2-135M", args.smollm2, args.sweeps / "gem4_smollm2.yaml"),
+        Study("Gemma 3 270M", args.gemma3, args.sweeps / "gem4_gemma3.yaml"),
+    ]
+    print(verdict_markdown(studies), end="")
     return 0
 
 
@@ -348,6 +361,21 @@ def _routing_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=lambda a: run_cli(routing_command, a))
 
 
+def _gem4_verdict_parser(p: argparse.ArgumentParser) -> None:
+    studies = Path("docs/studies")
+    p.add_argument(
+        "--smollm2", type=Path, default=studies / "gem4_smollm2", help="published SmolLM2 sweep (%(default)s)"
+    )
+    p.add_argument("--gemma3", type=Path, default=studies / "gem4_gemma3", help="published Gemma 3 sweep (%(default)s)")
+    p.add_argument(
+        "--sweeps",
+        type=Path,
+        default=Path("configs/ablations"),
+        help="folder of gem4_smollm2.yaml and gem4_gemma3.yaml: the planned seeds (%(default)s)",
+    )
+    p.set_defaults(run=lambda a: run_cli(gem4_verdict_command, a))
+
+
 def _bench_parser(p: argparse.ArgumentParser) -> None:
     # Defaults of None fall back to BenchConfig's, which bench_command imports (torch) only when it runs.
     p.add_argument("--json", metavar="PATH", help="write every figure and ratio as JSON here")
@@ -410,6 +438,10 @@ COMMANDS = {
     "routing": (
         _routing_parser,
         "per run of a sweep: first-choice weight, experts in use, dead experts, NMI with the group, metric",
+    ),
+    "gem4-verdict": (
+        _gem4_verdict_parser,
+        "issue 25's goal clause by clause from the gem4 sweeps' published summaries (docs/gem4.md)",
     ),
     "bench": (_bench_parser, "benchmark prefix methods: ms/step, tokens/s, peak memory (docs/benchmarks.md)"),
     "prefetch": (_prefetch_parser, "fetch the pinned offline assets into the cache (then copy it elsewhere)"),
