@@ -431,6 +431,21 @@ def _curve_contrasts(
     (out_dir / "curve_contrasts.md").write_text("\n".join(lines) + "\n")
 
 
+def read_summary_csv(path: Path, metric: str | None = None) -> dict[str, dict[str, float]]:
+    """A summary.csv's rows of `metric` (default: its main metric, the first row's), by arm in file order,
+    every other column as a float (nan where empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    name = metric or (rows[0]["metric"] if rows else "?")
+    rows = [r for r in rows if r["metric"] == name]
+    if not rows:
+        raise ConfigError(f"{path} has no rows of metric {name}")
+    return {
+        r["arm"]: {k: float(v) if v not in (None, "") else np.nan for k, v in r.items() if k not in ("arm", "metric")}
+        for r in rows
+    }
+
+
 def compare_studies(folders: list[Path], metric: str | None = None, scale: float = 100.0) -> str:
     """One Markdown table of the tested arms of several summarised sweeps, read from their summary.csv,
     summary.md and runs.csv: per study and arm, the seeds, the mean, Δ against the study's reference with its
@@ -448,12 +463,7 @@ def compare_studies(folders: list[Path], metric: str | None = None, scale: float
         summary_csv, summary_md = folder / "summary.csv", folder / "summary.md"
         if not summary_csv.is_file() or not summary_md.is_file():
             raise ConfigError(f"{folder} has no summary.csv and summary.md: summarise it first (moe-prefix ablate)")
-        with open(summary_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        name = metric or rows[0]["metric"]
-        rows = [r for r in rows if r["metric"] == name]
-        if not rows:
-            raise ConfigError(f"{summary_csv} has no rows of metric {name}")
+        arms = read_summary_csv(summary_csv, metric)
         reference = re.search(r"Reference arm: (\S+?)\.", summary_md.read_text())
         dead: dict[str, float] = {}
         runs_csv = folder / "runs.csv"
@@ -463,16 +473,15 @@ def compare_studies(folders: list[Path], metric: str | None = None, scale: float
                     value = run.get("val/dead_experts")
                     if value not in (None, "", "nan"):
                         dead[run["arm"]] = max(dead.get(run["arm"], 0.0), float(value))
-        for r in rows:
-            if r["diff"] in ("", "nan"):
+        for arm, f in arms.items():
+            if np.isnan(f["diff"]):
                 continue  # the reference, an untested arm, or too few seeds
-            f = {k: float(r[k]) if r.get(k) not in (None, "") else np.nan for k in r if k not in ("arm", "metric")}
             low, high = f.get("diff_ci_low", np.nan), f.get("diff_ci_high", np.nan)  # older summaries lack them
             interval = f"[{_fmt(scale * low, '+.2f')}, {_fmt(scale * high, '+.2f')}]"
             lines.append(
-                f"| {folder.name} | {r['arm']} | {int(f['n'])} | {_fmt(scale * f['mean'], '.2f')} "
+                f"| {folder.name} | {arm} | {int(f['n'])} | {_fmt(scale * f['mean'], '.2f')} "
                 f"| {_fmt(scale * f['diff'], '+.2f')} {interval} vs {reference.group(1) if reference else '?'} "
                 f"| {_fmt(f['p_holm'], '.3f')} | {_fmt(f['p_example_holm'], '.2g')} "
-                f"| {_fmt(dead.get(r['arm'], np.nan), '.0f')} |"
+                f"| {_fmt(dead.get(arm, np.nan), '.0f')} |"
             )
     return "\n".join(lines) + "\n"

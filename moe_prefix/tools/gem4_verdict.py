@@ -10,16 +10,15 @@ marked interim.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_prefix.tools.ablate_plan import load_sweep
+from moe_prefix.tools.ablate_summary import read_summary_csv
 from moe_prefix.train.run_config import ConfigError
 
 MIXTURE, SINGLE, ORACLE, LORA = "moe4_recipe", "prefix1_equal_params", "oracle", "lora"
-NOT_PREFIX = (LORA, "fewshot")  # arms that are no prefix: left out of "the best prefix arm"
 LEAD, ALPHA, ORACLE_TOLERANCE, LORA_GAP = 1.5, 0.05, 0.5, 1.0
 
 
@@ -35,15 +34,7 @@ def read_summary(folder: Path, metric: str) -> dict[str, dict[str, float]]:
     path = Path(folder) / "summary.csv"
     if not path.is_file():
         raise ConfigError(f"{path} not found: publish the sweep first (scripts/ablate.py SWEEP --publish DEST)")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["metric"] == metric]
-    if not rows:
-        raise ConfigError(f"{path} has no rows of {metric}")
-    return {r["arm"]: {k: _number(v) for k, v in r.items() if k not in ("arm", "metric")} for r in rows}
-
-
-def _number(text: str | None) -> float:
-    return float(text) if text not in (None, "") else math.nan
+    return read_summary_csv(path, metric)
 
 
 def goal_rows(study: Study) -> list[dict[str, str]]:
@@ -83,7 +74,8 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
                 ahead_of_oracle >= -ORACLE_TOLERANCE,
             )
         )
-    prefix_arms = {a: v["mean"] for a, v in arms.items() if a not in NOT_PREFIX}
+    # "the best prefix arm": neither LoRA nor an arm that trains nothing (the few-shot backbone, run once)
+    prefix_arms = {a: v["mean"] for a, v in arms.items() if a != LORA and a not in sweep.once}
     best = max(prefix_arms, key=prefix_arms.get)
     gap = arms[LORA]["mean"] - prefix_arms[best]
     clauses.append(
