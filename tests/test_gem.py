@@ -189,6 +189,8 @@ def test_gem4_fit_routes_by_source_and_reports_per_source_scores(gem_cache, tiny
     assert metrics["val/coverage/common_gen"] == pytest.approx(sum(cg) / len(cg), abs=1e-3)
     assert all(r["ser"] != "" for r in rows if r["group"] == "e2e_nlg")
     assert all(r["ser"] == "" for r in rows if r["group"] != "e2e_nlg")
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["source"] for s in samples} == set(gem.GEM_SOURCES)  # every source shown, not E2E only
 
 
 @pytest.mark.parametrize("sweep_file", ["gem4_smollm2.yaml", "gem4_gemma3.yaml"])

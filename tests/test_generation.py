@@ -267,6 +267,27 @@ def test_scores_on_hand_made_examples():
     assert scores(["x y z"], [["a b c"]]) == {"bleu": 0.0, "rougeL": 0.0}
 
 
+def test_samples_are_shared_out_over_the_sources(tmp_path):
+    """samples.jsonl of a mix sorted by source shows every source (round-robin, split order kept), not the first
+    n inputs, which would all be the first source's; a single source keeps its first n and no source key."""
+    from moe_prefix.train import run_dir as rd
+
+    sizes = {"a": 5, "b": 1, "c": 3}
+    rows = [{"id": f"{s}{i}", "source": s} for s in sizes for i in range(sizes[s])]
+    rows = [{**row, "index": i, "prediction": "p", "references": ["r"]} for i, row in enumerate(rows)]
+
+    def written(rows, n):
+        rd.write_samples(tmp_path / "samples.jsonl", rows, n)
+        return [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+
+    five = written(list(reversed(rows)), 5)  # the rows' own order does not matter, their split index does
+    assert [s["id"] for s in five] == ["a0", "a1", "b0", "c0", "c1"]
+    assert set(five[0]) == {"id", "source", "prediction", "references"}
+    assert [s["id"] for s in written(rows, 100)] == [r["id"] for r in rows]
+    only_a = written([r for r in rows if r["source"] == "a"], 2)
+    assert [s["id"] for s in only_a] == ["a0", "a1"] and set(only_a[0]) == {"id", "prediction", "references"}
+
+
 @pytest.fixture(scope="module")
 def fitted_run(tiny_lm_dir, descriptions, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fit") / "run"

@@ -24,6 +24,7 @@ and the ablation runner read runs through `read_config`, `read_metrics`, `load_w
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -122,9 +123,18 @@ def write_jsonl(path: Path, records) -> None:
 
 
 def write_samples(path: Path, rows: list[dict], n: int) -> None:
-    """The first n validation inputs (in split order): id, prediction, references; one JSON per line."""
-    ordered = sorted(rows, key=lambda r: r["index"])[:n]
-    write_jsonl(path, ({k: row[k] for k in ("id", "prediction", "references")} for row in ordered))
+    """n validation inputs in split order: id, (source,) prediction, references; one JSON per line. Where rows
+    carry a source (gem4, mixes), the n are shared out evenly over the sources, so that a mix sorted by source
+    does not show its first source only."""
+    ordered = sorted(rows, key=lambda r: r["index"])
+    by_source: dict[str, list[dict]] = {}
+    for row in ordered:
+        by_source.setdefault(row.get("source") or "", []).append(row)
+    # round-robin over the sources: each source's first input, then each one's second, ...
+    rounds = itertools.zip_longest(*by_source.values())
+    chosen = [row for round_ in rounds for row in round_ if row is not None][:n]
+    keys = ("id", "source", "prediction", "references") if len(by_source) > 1 else ("id", "prediction", "references")
+    write_jsonl(path, ({k: row[k] for k in keys} for row in sorted(chosen, key=lambda r: r["index"])))
 
 
 # -- reading ----------------------------------------------------------------------------------------
