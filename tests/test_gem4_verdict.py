@@ -95,8 +95,26 @@ def test_an_unpublished_backbone_is_named_and_a_missing_arm_is_an_error(tmp_path
     text = verdict_markdown([Study("Unrun", tmp_path / "nowhere", sweep)])
     assert "Unrun: no published summary" in text
     folder = _summary(tmp_path / "study", [_arm("moe4_recipe", 20.0), _arm("lora", 22.0, 2.0, 0.1, 0.1, 1.0, 3.0)])
-    with pytest.raises(ConfigError, match="no prefix1_equal_params arm"):
-        goal_rows(Study("tiny", folder, sweep))
+    with pytest.raises(ConfigError, match="has no prefix1_equal_params arm"):
+        goal_rows(Study("tiny", folder, _sweep_file(tmp_path, ["moe4_recipe", "lora"], 3)))
+
+
+def test_a_sweep_under_way_checks_what_has_finished_and_names_the_arms_it_waits_for(tmp_path):
+    """Planned arms without a finished run count 0 seeds; their clauses stay in the goal's order, unmarked."""
+    sweep = _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 7)
+    folder = _summary(tmp_path / "study", [_arm("moe4_recipe", 17.0, n=1), _arm("prefix1_equal_params", 13.5, n=1)])
+    rows = goal_rows(Study("tiny", folder, sweep))
+    assert [r["measured"] for r in rows] == [
+        "+3.50 [–, –]",
+        "– (no test: too few matched seeds)",
+        "– (no test: too few matched seeds)",
+        "– (no finished run of lora yet)",
+    ]
+    assert [r["met"] for r in rows] == ["yes", "**no**", "**no**", "–"]
+    assert {r["seeds"] for r in rows} == {"0 of 7 (interim)"}
+    rows = goal_rows(Study("tiny", _summary(tmp_path / "lora_only", [_arm("lora", 22.0, n=1)]), sweep))
+    waiting = ("– (no finished run of moe4_recipe, prefix1_equal_params yet)", "–")
+    assert [(r["measured"], r["met"]) for r in rows] == [waiting, waiting]  # LoRA has no prefix arm to lead yet
 
 
 def test_the_committed_smollm2_study_reads_the_same_differences_as_its_runs():

@@ -5,7 +5,7 @@ equal-parameter single prefix by at least 1.5 macro-BLEU with Holm p < 0.05 at t
 level, within 0.5 of oracle routing (where the sweep has an oracle arm), and the best prefix arm is at most
 1 BLEU behind LoRA. Every figure is read from the runner's own summary.csv (Holm over the sweep's tested
 arms, as the runner corrected it); a backbone whose sweep has fewer seeds than its sweep file plans is
-marked interim.
+marked interim, and a clause whose arms have no finished run yet names them instead of a figure.
 """
 
 from __future__ import annotations
@@ -44,28 +44,25 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
         raise ConfigError(
             f"{study.sweep_file}: the verdict reads Δ against {MIXTURE}, its reference is {sweep.reference}"
         )
-    arms = read_summary(study.folder, sweep.metric)
     for needed in (MIXTURE, SINGLE, LORA):
-        if needed not in arms:
-            raise ConfigError(f"{study.folder}/summary.csv has no {needed} arm: nothing to check the goal against")
-    seeds = int(min(arms[a]["n"] for a in arms if a not in sweep.once))
+        if needed not in sweep.arms:
+            raise ConfigError(f"{study.sweep_file} has no {needed} arm: nothing to check the goal against")
+    arms = read_summary(study.folder, sweep.metric)
+    # a sweep under way: an arm with no finished run yet counts 0 seeds, and the clauses that need it wait for it
+    seeds = int(min(arms[a]["n"] if a in arms else 0 for a in sweep.arms if a not in sweep.once))
     state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if seeds < len(sweep.seeds) else "")
-    single = arms[SINGLE]
-    # summary.csv holds arm - reference over matched seeds; the goal reads mixture - single prefix. Without
-    # matched seeds (one seed so far) the runner tests nothing: the lead is then the difference of the means.
-    lead = -single["diff"] if math.isfinite(single["diff"]) else arms[MIXTURE]["mean"] - single["mean"]
-    ahead = lead > 0
-    clauses = [
-        (
-            f"mixture − single prefix (equal parameters) ≥ +{LEAD}",
-            f"{lead:+.2f} [{_signed(-single['diff_ci_high'])}, {_signed(-single['diff_ci_low'])}]",
-            lead >= LEAD,
-        )
-    ]
-    for level, column in (("seed", "p_holm"), ("example", "p_example_holm")):
-        p = single[column]
-        clauses.append((f"… {level} level, Holm p < {ALPHA}", _p(p, ahead), ahead and p < ALPHA))
-    if ORACLE in arms:
+    header = {"backbone": study.backbone, "seeds": state}
+    marks = {True: "yes", False: "**no**", None: "–"}
+    return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in _clauses(arms, sweep)]
+
+
+def _clauses(arms: dict[str, dict[str, float]], sweep) -> list[tuple[str, str, bool | None]]:
+    """(clause, measured, met) in the goal's order; met is None for a clause whose arms have no finished run."""
+    lead_clause = f"mixture − single prefix (equal parameters) ≥ +{LEAD}"
+    clauses = _lead_clauses(arms, lead_clause) if MIXTURE in arms and SINGLE in arms else []
+    if not clauses:
+        clauses.append((lead_clause, _waiting(arms, MIXTURE, SINGLE), None))
+    if MIXTURE in arms and ORACLE in arms:
         ahead_of_oracle = arms[MIXTURE]["mean"] - arms[ORACLE]["mean"]  # arms of a sweep share their seeds
         clauses.append(
             (
@@ -74,19 +71,36 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
                 ahead_of_oracle >= -ORACLE_TOLERANCE,
             )
         )
+    lora_clause = f"LoRA − best prefix arm ≤ {LORA_GAP}"
     # "the best prefix arm": neither LoRA nor an arm that trains nothing (the few-shot backbone, run once)
     prefix_arms = {a: v["mean"] for a, v in arms.items() if a != LORA and a not in sweep.once}
-    best = max(prefix_arms, key=prefix_arms.get)
-    gap = arms[LORA]["mean"] - prefix_arms[best]
-    clauses.append(
-        (
-            f"LoRA − best prefix arm ≤ {LORA_GAP}",
-            f"{arms[LORA]['mean']:.2f} − {prefix_arms[best]:.2f} ({best}) = {gap:+.2f}",
-            gap <= LORA_GAP,
-        )
-    )
-    header = {"backbone": study.backbone, "seeds": state}
-    return [{**header, "clause": c, "measured": m, "met": "yes" if met else "**no**"} for c, m, met in clauses]
+    if LORA in arms and prefix_arms:
+        best = max(prefix_arms, key=prefix_arms.get)
+        gap = arms[LORA]["mean"] - prefix_arms[best]
+        measured = f"{arms[LORA]['mean']:.2f} − {prefix_arms[best]:.2f} ({best}) = {gap:+.2f}"
+        clauses.append((lora_clause, measured, gap <= LORA_GAP))
+    else:
+        clauses.append((lora_clause, _waiting(arms, LORA, MIXTURE, SINGLE), None))
+    return clauses
+
+
+def _waiting(arms: dict, *needed: str) -> str:
+    return f"– (no finished run of {', '.join(a for a in needed if a not in arms)} yet)"
+
+
+def _lead_clauses(arms: dict[str, dict[str, float]], lead_clause: str) -> list[tuple[str, str, bool]]:
+    """The mixture's lead over the equal-parameter single prefix, and its two tests."""
+    single = arms[SINGLE]
+    # summary.csv holds arm - reference over matched seeds; the goal reads mixture - single prefix. Without
+    # matched seeds (one seed so far) the runner tests nothing: the lead is then the difference of the means.
+    lead = -single["diff"] if math.isfinite(single["diff"]) else arms[MIXTURE]["mean"] - single["mean"]
+    ahead = lead > 0
+    interval = f"[{_signed(-single['diff_ci_high'])}, {_signed(-single['diff_ci_low'])}]"
+    clauses = [(lead_clause, f"{lead:+.2f} {interval}", lead >= LEAD)]
+    for level, column in (("seed", "p_holm"), ("example", "p_example_holm")):
+        p = single[column]
+        clauses.append((f"… {level} level, Holm p < {ALPHA}", _p(p, ahead), ahead and p < ALPHA))
+    return clauses
 
 
 def _p(p: float, ahead: bool) -> str:
