@@ -117,6 +117,23 @@ def test_a_sweep_under_way_checks_what_has_finished_and_names_the_arms_it_waits_
     assert [(r["measured"], r["met"]) for r in rows] == [waiting, waiting]  # LoRA has no prefix arm to lead yet
 
 
+def test_an_interim_verdict_compares_arms_on_the_seeds_they_share(tmp_path):
+    """The mixture has seeds 0 and 1, the single prefix and LoRA seed 0: lead and gap read seed 0 alone, not
+    the mixture's two-seed mean against one seed of the others."""
+    sweep = _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 7)
+    folder = _summary(
+        tmp_path / "study",
+        [_arm("moe4_recipe", 16.0, n=2), _arm("prefix1_equal_params", 13.0, n=1), _arm("lora", 28.0, n=1)],
+    )
+    runs = [("moe4_recipe", 0, 17.0), ("moe4_recipe", 1, 15.0), ("prefix1_equal_params", 0, 13.0), ("lora", 0, 28.0)]
+    with open(folder / "runs.csv", "w", newline="") as f:
+        f.write("arm,seed,metric\n" + "".join(f"{a},{seed},{v}\n" for a, seed, v in runs))
+    rows = goal_rows(Study("tiny", folder, sweep))
+    assert rows[0]["measured"] == "+4.00 [–, –]"  # 17 - 13 on seed 0, not 16 - 13
+    assert rows[-1]["measured"] == "28.00 − 17.00 (moe4_recipe) = +11.00"
+    assert {r["seeds"] for r in rows} == {"1 of 7 (interim)"}
+
+
 def test_the_committed_smollm2_study_reads_the_same_differences_as_its_runs():
     """Independent of summary.csv's sign convention: the lead recomputed from runs.csv's per-seed values."""
     folder = ROOT / "docs/studies/gem4_smollm2"

@@ -10,7 +10,9 @@ marked interim, and a clause whose arms have no finished run yet names them inst
 
 from __future__ import annotations
 
+import csv
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +55,48 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if seeds < len(sweep.seeds) else "")
     header = {"backbone": study.backbone, "seeds": state}
     marks = {True: "yes", False: "**no**", None: "–"}
-    return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in _clauses(arms, sweep)]
+    means = _SharedSeedMeans(arms, read_seed_scores(study.folder))
+    return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in _clauses(arms, sweep, means)]
 
 
-def _clauses(arms: dict[str, dict[str, float]], sweep) -> list[tuple[str, str, bool | None]]:
+def read_seed_scores(folder: Path) -> dict[str, dict[int, float]] | None:
+    """runs.csv's main metric by arm and seed (None without runs.csv: then the summary's means are used)."""
+    path = Path(folder) / "runs.csv"
+    if not path.is_file():
+        return None
+    scores: dict[str, dict[int, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["metric"]:
+                scores.setdefault(row["arm"], {})[int(row["seed"])] = float(row["metric"])
+    return scores
+
+
+@dataclass(frozen=True)
+class _SharedSeedMeans:
+    """Arms' means over the seeds they have all finished. While a sweep is under way its arms have different
+    seeds, and a difference of means over different seeds would carry the seeds' own spread (large for prefix
+    tuning, docs/gem4.md); once every seed is in, these are the summary's means."""
+
+    arms: dict[str, dict[str, float]]
+    scores: dict[str, dict[int, float]] | None
+
+    def __call__(self, *names: str) -> dict[str, float]:
+        shared = set.intersection(*(set(self.scores.get(n, ())) for n in names)) if self.scores else set()
+        if not shared:
+            return {n: self.arms[n]["mean"] for n in names}
+        return {n: statistics.fmean(self.scores[n][seed] for seed in sorted(shared)) for n in names}
+
+
+def _clauses(arms: dict[str, dict[str, float]], sweep, means: _SharedSeedMeans) -> list[tuple[str, str, bool | None]]:
     """(clause, measured, met) in the goal's order; met is None for a clause whose arms have no finished run."""
     lead_clause = f"mixture − single prefix (equal parameters) ≥ +{LEAD}"
-    clauses = _lead_clauses(arms, lead_clause) if MIXTURE in arms and SINGLE in arms else []
+    clauses = _lead_clauses(arms, lead_clause, means) if MIXTURE in arms and SINGLE in arms else []
     if not clauses:
         clauses.append((lead_clause, _waiting(arms, MIXTURE, SINGLE), None))
     if MIXTURE in arms and ORACLE in arms:
-        ahead_of_oracle = arms[MIXTURE]["mean"] - arms[ORACLE]["mean"]  # arms of a sweep share their seeds
+        m = means(MIXTURE, ORACLE)
+        ahead_of_oracle = m[MIXTURE] - m[ORACLE]
         clauses.append(
             (
                 f"mixture within {ORACLE_TOLERANCE} of oracle routing (or ahead)",
@@ -73,11 +106,12 @@ def _clauses(arms: dict[str, dict[str, float]], sweep) -> list[tuple[str, str, b
         )
     lora_clause = f"LoRA − best prefix arm ≤ {LORA_GAP}"
     # "the best prefix arm": neither LoRA nor an arm that trains nothing (the few-shot backbone, run once)
-    prefix_arms = {a: v["mean"] for a, v in arms.items() if a != LORA and a not in sweep.once}
-    if LORA in arms and prefix_arms:
-        best = max(prefix_arms, key=prefix_arms.get)
-        gap = arms[LORA]["mean"] - prefix_arms[best]
-        measured = f"{arms[LORA]['mean']:.2f} − {prefix_arms[best]:.2f} ({best}) = {gap:+.2f}"
+    prefix_names = [a for a in arms if a != LORA and a not in sweep.once]
+    if LORA in arms and prefix_names:
+        m = means(LORA, *prefix_names)
+        best = max(prefix_names, key=m.get)
+        gap = m[LORA] - m[best]
+        measured = f"{m[LORA]:.2f} − {m[best]:.2f} ({best}) = {gap:+.2f}"
         clauses.append((lora_clause, measured, gap <= LORA_GAP))
     else:
         clauses.append((lora_clause, _waiting(arms, LORA, MIXTURE, SINGLE), None))
@@ -88,12 +122,13 @@ def _waiting(arms: dict, *needed: str) -> str:
     return f"– (no finished run of {', '.join(a for a in needed if a not in arms)} yet)"
 
 
-def _lead_clauses(arms: dict[str, dict[str, float]], lead_clause: str) -> list[tuple[str, str, bool]]:
+def _lead_clauses(arms: dict[str, dict[str, float]], lead_clause: str, means: _SharedSeedMeans) -> list:
     """The mixture's lead over the equal-parameter single prefix, and its two tests."""
     single = arms[SINGLE]
     # summary.csv holds arm - reference over matched seeds; the goal reads mixture - single prefix. Without
     # matched seeds (one seed so far) the runner tests nothing: the lead is then the difference of the means.
-    lead = -single["diff"] if math.isfinite(single["diff"]) else arms[MIXTURE]["mean"] - single["mean"]
+    m = means(MIXTURE, SINGLE)
+    lead = -single["diff"] if math.isfinite(single["diff"]) else m[MIXTURE] - m[SINGLE]
     ahead = lead > 0
     interval = f"[{_signed(-single['diff_ci_high'])}, {_signed(-single['diff_ci_low'])}]"
     clauses = [(lead_clause, f"{lead:+.2f} {interval}", lead >= LEAD)]
