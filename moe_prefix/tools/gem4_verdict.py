@@ -55,8 +55,8 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if seeds < len(sweep.seeds) else "")
     header = {"backbone": study.backbone, "seeds": state}
     marks = {True: "yes", False: "**no**", None: "–"}
-    means = _SharedSeedMeans(arms, read_seed_scores(study.folder))
-    return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in _clauses(arms, sweep, means)]
+    clauses = _clauses(arms, read_seed_scores(study.folder), sweep)
+    return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in clauses]
 
 
 def read_seed_scores(folder: Path) -> dict[str, dict[int, float]] | None:
@@ -72,30 +72,25 @@ def read_seed_scores(folder: Path) -> dict[str, dict[int, float]] | None:
     return scores
 
 
-@dataclass(frozen=True)
-class _SharedSeedMeans:
-    """Arms' means over the seeds they have all finished. While a sweep is under way its arms have different
+def _shared_seed_means(arms: dict, scores: dict[str, dict[int, float]] | None, *names: str) -> dict[str, float]:
+    """The arms' means over the seeds they have all finished. While a sweep is under way its arms have different
     seeds, and a difference of means over different seeds would carry the seeds' own spread (large for prefix
     tuning, docs/gem4.md); once every seed is in, these are the summary's means."""
-
-    arms: dict[str, dict[str, float]]
-    scores: dict[str, dict[int, float]] | None
-
-    def __call__(self, *names: str) -> dict[str, float]:
-        shared = set.intersection(*(set(self.scores.get(n, ())) for n in names)) if self.scores else set()
-        if not shared:
-            return {n: self.arms[n]["mean"] for n in names}
-        return {n: statistics.fmean(self.scores[n][seed] for seed in sorted(shared)) for n in names}
+    shared = set.intersection(*(set(scores.get(n, ())) for n in names)) if scores else set()
+    if not shared:
+        return {n: arms[n]["mean"] for n in names}
+    return {n: statistics.fmean(scores[n][seed] for seed in sorted(shared)) for n in names}
 
 
-def _clauses(arms: dict[str, dict[str, float]], sweep, means: _SharedSeedMeans) -> list[tuple[str, str, bool | None]]:
+def _clauses(arms: dict, scores: dict | None, sweep) -> list[tuple[str, str, bool | None]]:
     """(clause, measured, met) in the goal's order; met is None for a clause whose arms have no finished run."""
     lead_clause = f"mixture − single prefix (equal parameters) ≥ +{LEAD}"
-    clauses = _lead_clauses(arms, lead_clause, means) if MIXTURE in arms and SINGLE in arms else []
-    if not clauses:
-        clauses.append((lead_clause, _waiting(arms, MIXTURE, SINGLE), None))
+    if MIXTURE in arms and SINGLE in arms:
+        clauses = _lead_clauses(arms, scores, lead_clause)
+    else:
+        clauses = [(lead_clause, _waiting(arms, MIXTURE, SINGLE), None)]
     if MIXTURE in arms and ORACLE in arms:
-        m = means(MIXTURE, ORACLE)
+        m = _shared_seed_means(arms, scores, MIXTURE, ORACLE)
         ahead_of_oracle = m[MIXTURE] - m[ORACLE]
         clauses.append(
             (
@@ -108,7 +103,7 @@ def _clauses(arms: dict[str, dict[str, float]], sweep, means: _SharedSeedMeans) 
     # "the best prefix arm": neither LoRA nor an arm that trains nothing (the few-shot backbone, run once)
     prefix_names = [a for a in arms if a != LORA and a not in sweep.once]
     if LORA in arms and prefix_names:
-        m = means(LORA, *prefix_names)
+        m = _shared_seed_means(arms, scores, LORA, *prefix_names)
         best = max(prefix_names, key=m.get)
         gap = m[LORA] - m[best]
         measured = f"{m[LORA]:.2f} − {m[best]:.2f} ({best}) = {gap:+.2f}"
@@ -122,12 +117,12 @@ def _waiting(arms: dict, *needed: str) -> str:
     return f"– (no finished run of {', '.join(a for a in needed if a not in arms)} yet)"
 
 
-def _lead_clauses(arms: dict[str, dict[str, float]], lead_clause: str, means: _SharedSeedMeans) -> list:
+def _lead_clauses(arms: dict, scores: dict | None, lead_clause: str) -> list[tuple[str, str, bool | None]]:
     """The mixture's lead over the equal-parameter single prefix, and its two tests."""
     single = arms[SINGLE]
     # summary.csv holds arm - reference over matched seeds; the goal reads mixture - single prefix. Without
     # matched seeds (one seed so far) the runner tests nothing: the lead is then the difference of the means.
-    m = means(MIXTURE, SINGLE)
+    m = _shared_seed_means(arms, scores, MIXTURE, SINGLE)
     lead = -single["diff"] if math.isfinite(single["diff"]) else m[MIXTURE] - m[SINGLE]
     ahead = lead > 0
     interval = f"[{_signed(-single['diff_ci_high'])}, {_signed(-single['diff_ci_low'])}]"
