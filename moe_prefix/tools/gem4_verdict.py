@@ -52,9 +52,12 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     arms = read_summary(study.folder, sweep.metric)
     # a sweep under way: an arm with no finished run yet counts 0 seeds, and the clauses that need it wait for it
     seeds = int(min(arms[a]["n"] if a in arms else 0 for a in sweep.arms if a not in sweep.once))
-    state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if seeds < len(sweep.seeds) else "")
+    interim = seeds < len(sweep.seeds)
+    state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if interim else "")
     header = {"backbone": study.backbone, "seeds": state}
     marks = {True: "yes", False: "**no**", None: "–"}
+    if interim:  # a clause read on a few seeds can still turn: say so in the cell a reader's eye lands on
+        marks = {True: "yes so far", False: "**no** so far", None: "–"}
     clauses = _clauses(arms, read_seed_scores(study.folder), sweep)
     return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in clauses]
 
