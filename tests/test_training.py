@@ -13,7 +13,8 @@ import pytest
 from conftest import tiny_run_overrides, write_reviews_csv
 from safetensors import safe_open
 
-from moe_prefix.train.engine import fit
+from moe_prefix.train.checkpointing import load_checkpoint_file
+from moe_prefix.train.engine import _latest_checkpoint, fit
 from moe_prefix.train.run_config import load_config
 
 pytestmark = pytest.mark.slow  # every test here is a whole fit
@@ -96,7 +97,16 @@ def _interrupt_mid_run(backbone, data, run, signum):
     return proc.returncode, out
 
 
+def _trained_seconds_saved(run) -> float:
+    """The training seconds that the checkpoint a resume starts from holds (0 without any)."""
+    ckpt = _latest_checkpoint(run / "checkpoints")
+    states = load_checkpoint_file(ckpt)["callbacks"]
+    return next((state["seconds"] for key, state in states.items() if "_Timer" in str(key)), 0.0)
+
+
 def _resume_matches(run, want):
+    saved = _trained_seconds_saved(run)
+    assert saved > 0, "the checkpoint keeps no training time"
     resumed = _fit_process(["--resume", str(run)])
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
@@ -105,6 +115,7 @@ def _resume_matches(run, want):
     for key in ("val/acc", "val/loss", "val/f1"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
     assert got["steps"] == want["steps"] == 200
+    assert got["train_time_s"] > saved  # the whole training, not only the attempt after the resume
     # The training log covers the whole run, before and after the interruption.
     steps = [int(line.split(",")[1]) for line in (run / "logs/metrics.csv").read_text().splitlines()[1:]]
     assert min(steps) < 20 and max(steps) >= 190

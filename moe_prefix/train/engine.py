@@ -247,13 +247,27 @@ class _OwnPeerLoss(Callback):
 
 
 class _Timer(Callback):
-    """Wall time of training proper (excludes loading and the final evaluation)."""
+    """Wall time of training proper (excludes loading and the final evaluation), over every attempt of a run.
+
+    The seconds trained so far travel in each checkpoint, so a resumed run reports the time of the whole
+    training, not only of its last attempt (time after the checkpoint it resumes from is not counted twice:
+    those steps are trained again and timed then)."""
+
+    def __init__(self):
+        self.before = 0.0  # seconds of earlier attempts, restored from the checkpoint before on_train_start
 
     def on_train_start(self, trainer, pl_module):
         self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = self.before + time.perf_counter() - self.start
+
+    def state_dict(self) -> dict:
+        started = getattr(self, "start", None)
+        return {"seconds": self.before + (time.perf_counter() - started if started is not None else 0.0)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = float(state_dict["seconds"])
 
 
 # Warnings that say nothing a user can act on: (message pattern, category).
