@@ -55,9 +55,9 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     interim = seeds < len(sweep.seeds)
     state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if interim else "")
     header = {"backbone": study.backbone, "seeds": state}
-    marks = {True: "yes", False: "**no**", None: "–"}
-    if interim:  # a clause read on a few seeds can still turn: say so in the cell a reader's eye lands on
-        marks = {True: "yes so far", False: "**no** so far", None: "–"}
+    # a clause read on a few seeds can still turn: say so in the cell a reader's eye lands on
+    so_far = " so far" if interim else ""
+    marks = {True: f"yes{so_far}", False: f"**no**{so_far}", None: "–"}
     clauses = _clauses(arms, read_seed_scores(study.folder), sweep)
     return [{**header, "clause": c, "measured": m, "met": marks[met]} for c, m, met in clauses]
 

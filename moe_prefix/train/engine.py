@@ -255,16 +255,19 @@ class _Timer(Callback):
 
     def __init__(self):
         self.before = 0.0  # seconds of earlier attempts, restored from the checkpoint before on_train_start
+        self.start: float | None = None
+
+    def _elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
 
     def on_train_start(self, trainer, pl_module):
         self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
-        self.seconds = self.before + time.perf_counter() - self.start
+        self.seconds = self._elapsed()
 
     def state_dict(self) -> dict:
-        started = getattr(self, "start", None)
-        return {"seconds": self.before + (time.perf_counter() - started if started is not None else 0.0)}
+        return {"seconds": self._elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.before = float(state_dict["seconds"])
