@@ -264,7 +264,16 @@ class Router(nn.Module):
                 log_p = torch.log_softmax(noisy / cfg.temperature, dim=-1).gather(-1, indices)
                 log_w = log_p - log_p.detach()
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
-        balance = load_balance_loss(probs, indices if counted is None else counted, cfg.num_experts, sync=self.training)
-        z = router_z_loss(logits)
+        if cfg.num_experts == 1:
+            # One expert takes every input with weight 1 whatever its logit, so these losses can only move a router
+            # that changes nothing; and they are not small: a one-centroid k-means init puts the logit near 500
+            # (its mean gap is no gap), the z-loss near 3e5, and its gradient then sets the norm that gradient
+            # clipping scales the prefix's gradient by (27 against 0.3 on Gemma 3 270M's first gem4 step).
+            balance = z = logits.new_zeros(())
+        else:
+            balance = load_balance_loss(
+                probs, indices if counted is None else counted, cfg.num_experts, sync=self.training
+            )
+            z = router_z_loss(logits)
         aux = cfg.balance_coef * balance + cfg.z_coef * z
         return RouterOutput(logits, weights, indices, log_w.exp(), log_w, balance, z, aux)

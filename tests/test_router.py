@@ -111,6 +111,21 @@ def test_top1_router_receives_task_gradient():
     assert router.proj.weight.grad.abs().sum() > 0
 
 
+def test_one_expert_router_adds_no_loss_and_takes_no_gradient():
+    """One expert takes every input with weight 1, so no routing loss may train it: after a one-centroid k-means
+    init its logit is large (the z-loss grows with its square) and that gradient set the clipping of the prefix's."""
+    torch.manual_seed(0)
+    router = Router(16, PrefixConfig(num_experts=1, top_k=1, router_init="kmeans")).train()
+    features = torch.randn(64, 16) + 3.0 * torch.randn(16)  # a direction all inputs share, as mean embeddings do
+    router.init_from_kmeans(features)
+    out = router(features)
+    assert out.logits.abs().min() > 5  # the init that made the z-loss large
+    assert torch.equal(out.weights, torch.ones(64, 1))
+    assert out.aux_loss.item() == out.z_loss.item() == out.balance_loss.item() == 0.0
+    (out.aux_loss + (out.weights * torch.randn(64, 1)).sum()).backward()
+    assert router.proj.weight.grad is None or not router.proj.weight.grad.any()
+
+
 def test_detect_collapse():
     report = detect_collapse(np.array([0.95, 0.03, 0.02]))
     assert report and report.expert == 0 and report.share == pytest.approx(0.95)
