@@ -266,9 +266,10 @@ class Router(nn.Module):
             weights = torch.zeros_like(probs).scatter(-1, indices, log_w.exp())
         if cfg.num_experts == 1:
             # One expert takes every input with weight 1 whatever its logit, so these losses can only move a router
-            # that changes nothing; and they are not small: a one-centroid k-means init puts the logit near 500
-            # (its mean gap is no gap), the z-loss near 3e5, and its gradient then sets the norm that gradient
-            # clipping scales the prefix's gradient by (27 against 0.3 on Gemma 3 270M's first gem4 step).
+            # that changes nothing; and they are not small: a one-centroid k-means init has no gap to scale by (the
+            # fallback gap of 1 leaves s = margin), putting the logit near 500 and the z-loss near 3e5, whose
+            # gradient then sets the norm that gradient clipping scales the prefix's gradient by (27 against 0.3
+            # on Gemma 3 270M's first gem4 step).
             balance = z = logits.new_zeros(())
         else:
             balance = load_balance_loss(
