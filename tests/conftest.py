@@ -45,6 +45,7 @@ def pytest_fixture_setup(fixturedef, request):
     except AssetUnavailable as err:
         pytest.skip(str(err))
 
+
 VOCAB = 97
 
 
