@@ -80,6 +80,21 @@ def test_a_small_p_with_the_mixture_behind_is_no_success_and_missing_seeds_are_i
     assert {r["seeds"] for r in rows} == {"6 of 8 (interim)"}
 
 
+def test_a_sweep_stopped_short_says_why_and_its_marks_are_final(tmp_path):
+    folder = _summary(
+        tmp_path / "study",
+        [
+            _arm("moe4_recipe", 16.5, n=4),
+            _arm("prefix1_equal_params", 14.0, -2.5, 0.25, 0.0005, -5.1, -0.1, n=4),
+            _arm("lora", 26.4, 9.9, 0.25, 0.0002, 9.0, 10.6, n=4),
+        ],
+    )
+    sweep = _sweep_file(tmp_path, ["moe4_recipe", "prefix1_equal_params", "lora"], 7)
+    rows = goal_rows(Study("tiny", folder, sweep, stopped="stopped: data withdrawn"))
+    assert {r["seeds"] for r in rows} == {"4 of 7 (stopped: data withdrawn)"}
+    assert [r["met"] for r in rows] == ["yes", "**no**", "yes", "**no**"]
+
+
 def test_one_seed_reads_the_difference_of_means_and_claims_no_test(tmp_path):
     folder = _summary(
         tmp_path / "study",

@@ -5,7 +5,8 @@ equal-parameter single prefix by at least 1.5 macro-BLEU with Holm p < 0.05 at t
 level, within 0.5 of oracle routing (where the sweep has an oracle arm), and the best prefix arm is at most
 1 BLEU behind LoRA. Every figure is read from the runner's own summary.csv (Holm over the sweep's tested
 arms, as the runner corrected it); a backbone whose sweep has fewer seeds than its sweep file plans is
-marked interim, and a clause whose arms have no finished run yet names them instead of a figure.
+marked interim (or, where it was stopped short, with the reason), and a clause whose arms have no finished
+run yet names them instead of a figure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Study:
     backbone: str
     folder: Path  # a published sweep folder (summary.csv)
     sweep_file: Path  # its sweep file: the planned seeds and the reference arm
+    # why a sweep ended with fewer seeds than planned; its marks are then final, not "so far"
+    stopped: str | None = None
 
 
 def read_summary(folder: Path, metric: str) -> dict[str, dict[str, float]]:
@@ -52,8 +55,10 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     arms = read_summary(study.folder, sweep.metric)
     # a sweep under way: an arm with no finished run yet counts 0 seeds, and the clauses that need it wait for it
     seeds = int(min(arms[a]["n"] if a in arms else 0 for a in sweep.arms if a not in sweep.once))
-    interim = seeds < len(sweep.seeds)
-    state = f"{seeds} of {len(sweep.seeds)}" + (" (interim)" if interim else "")
+    short = seeds < len(sweep.seeds)
+    interim = short and study.stopped is None
+    state = f"{seeds} of {len(sweep.seeds)}" + (f" ({study.stopped})" if short and not interim else "")
+    state += " (interim)" if interim else ""
     header = {"backbone": study.backbone, "seeds": state}
     # a clause read on a few seeds can still turn: say so in the cell a reader's eye lands on
     so_far = " so far" if interim else ""
