@@ -57,8 +57,7 @@ def goal_rows(study: Study) -> list[dict[str, str]]:
     seeds = int(min(arms[a]["n"] if a in arms else 0 for a in sweep.arms if a not in sweep.once))
     short = seeds < len(sweep.seeds)
     interim = short and study.stopped is None
-    state = f"{seeds} of {len(sweep.seeds)}" + (f" ({study.stopped})" if short and not interim else "")
-    state += " (interim)" if interim else ""
+    state = f"{seeds} of {len(sweep.seeds)}" + (f" ({study.stopped or 'interim'})" if short else "")
     header = {"backbone": study.backbone, "seeds": state}
     # a clause read on a few seeds can still turn: say so in the cell a reader's eye lands on
     so_far = " so far" if interim else ""
