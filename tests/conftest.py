@@ -1,6 +1,7 @@
 """Tiny backbones built from configs: no network, seconds to build. Every session checks that it left the
 source tree unchanged (tree_check.py)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,24 +27,26 @@ torch.set_num_threads(1)
 # fetched by anyone: the tests that read it are skipped with the index's answer as the reason, unless a cache
 # prefetched while it was served holds the files. Any other fetch failure (sha256 mismatch, no network) still
 # fails the test.
+@contextlib.contextmanager
+def _skipped_if_withdrawn():
+    from moe_prefix.train.assets import AssetUnavailable
+
+    try:
+        yield
+    except AssetUnavailable as err:
+        pytest.skip(str(err))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    from moe_prefix.train.assets import AssetUnavailable
-
-    try:
+    with _skipped_if_withdrawn():
         return (yield)
-    except AssetUnavailable as err:
-        pytest.skip(str(err))
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef, request):
-    from moe_prefix.train.assets import AssetUnavailable
-
-    try:
+def pytest_fixture_setup(fixturedef, request):  # fixtures that fetch a real asset
+    with _skipped_if_withdrawn():
         return (yield)
-    except AssetUnavailable as err:
-        pytest.skip(str(err))
 
 
 VOCAB = 97

