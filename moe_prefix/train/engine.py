@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from . import classification, generation, trackers
@@ -232,6 +233,52 @@ class _InterruptCheckpoint(Checkpoint):
         trainer.strategy.remove_checkpoint(self.path)
 
 
+class _StopAtStepEnd(Callback):
+    """Ctrl-C and SIGTERM stop a single-process run at the end of the training step under way, where the
+    interrupt checkpoint holds the state a periodic checkpoint holds and a resume continues exactly.
+
+    Lightning's own handling does not: SIGINT raises KeyboardInterrupt wherever the run is, and SIGTERM
+    stops at the next of several checks, one of them just after an epoch is counted done. A checkpoint
+    saved there makes the resumed run skip the next epoch: the data order shifts by an epoch and the final
+    metrics differ (tests/test_training.py sends each signal in the step and at the epoch's end).
+
+    A second Ctrl-C stops at once, as Python's default does. Under data parallelism the processes would
+    have to agree on the step, so Lightning's handling stays.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.replaced: dict[int, object] = {}
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # asked twice: stop now, mid-step if need be
+        self.received = signum
+        again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+        rank_zero_info(f"\n{signal.Signals(signum).name} received: stopping after the training step under way{again}")
+
+    def on_train_start(self, trainer, pl_module):
+        # Signal handlers can only be set from the main thread (not in a notebook's worker thread).
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            self.replaced[signum] = signal.signal(signum, self._on_signal)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received == signal.SIGTERM:
+            raise SIGTERMException
+
+    def teardown(self, trainer, pl_module, stage):
+        for signum, handler in self.replaced.items():
+            if signal.getsignal(signum) == self._on_signal:  # not if Lightning restored its originals already
+                signal.signal(signum, handler)
+        self.replaced = {}
+
+
 class _OwnPeerLoss(Callback):
     """CPU DDP: process 0 reports a lost process itself, so Lightning's watcher of the processes it started
     must not SIGKILL it first (it does within 5 s of a child's death, leaving no word of what happened).
@@ -382,6 +429,7 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
             monitor=None,
         ),
         _InterruptCheckpoint(ckpt_dir / INTERRUPT_CHECKPOINT),
+        _StopAtStepEnd(),
         timer,
         trackers.SendConfig(cfg, run_dir),
         *_gpu_progress_bar(cfg),
