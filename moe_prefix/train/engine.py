@@ -240,7 +240,7 @@ class _StopAtStepEnd(Callback):
     Lightning's own handling does not: SIGINT raises KeyboardInterrupt wherever the run is, and SIGTERM
     stops at the next of several checks, one of them just after an epoch is counted done. A checkpoint
     saved there makes the resumed run skip the next epoch: the data order shifts by an epoch and the final
-    metrics differ (tests/test_training.py sends each signal in the step and at the epoch's end).
+    metrics differ (tests/test_interrupts.py sends each signal in a step and at an epoch's end).
 
     A second Ctrl-C stops at once, as Python's default does. Under data parallelism the processes would
     have to agree on the step, so Lightning's handling stays.
