@@ -45,8 +45,11 @@ def test_a_signal_at_any_moment_stops_where_the_resume_is_exact(
         return training_step(self, batch, batch_idx)
 
     monkeypatch.setattr(PrefixTrainingModule, "training_step", step_then_signal)
-    epoch_end = lambda self: send_once(self, moment == "at_an_epochs_end" and self.current_epoch == 1)  # noqa: E731
-    monkeypatch.setattr(PrefixTrainingModule, "on_train_epoch_end", epoch_end, raising=False)
+
+    def epoch_end_then_signal(self):
+        send_once(self, moment == "at_an_epochs_end" and self.current_epoch == 1)
+
+    monkeypatch.setattr(PrefixTrainingModule, "on_train_epoch_end", epoch_end_then_signal, raising=False)
     with pytest.raises(SystemExit) as stopped:
         fit(cfg)
     assert stopped.value.code == 130 and sent

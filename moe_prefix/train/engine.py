@@ -455,7 +455,7 @@ def _train(cfg: RunConfig, run_dir: Path, module: PrefixTrainingModule, data, re
             # Under DDP, process 0 alone evaluates and writes the run directory; the others are done.
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-    except SystemExit:  # Lightning exits after Ctrl-C, once OnExceptionCheckpoint has saved
+    except SystemExit:  # Lightning exits after Ctrl-C or SIGTERM, once _InterruptCheckpoint has saved
         if (ckpt_dir / INTERRUPT_CHECKPOINT).is_file():
             print(f"interrupted; checkpoint saved. Continue with --resume {run_dir}")
             raise SystemExit(130) from None
